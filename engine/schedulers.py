@@ -1,0 +1,85 @@
+"""Schedulers by name, backed by diffusers' scheduler classes and the model's own config.
+
+The loop calls the UNet exactly once per entry of ``scheduler.timesteps``; a
+scheduler that needs several model calls per step (Heun, DPM2) is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Tuple
+
+from .errors import UnknownSchedulerError
+
+# name -> (diffusers class name, config overrides)
+_SCHEDULERS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+# Known schedulers that evaluate the model more than once per step.
+_MULTI_CALL = {
+    "heun": "HeunDiscreteScheduler",
+    "dpm2": "KDPM2DiscreteScheduler",
+    "dpm2_a": "KDPM2AncestralDiscreteScheduler",
+    "dpmpp_sde": "DPMSolverSDEScheduler",
+}
+
+#: Names accepted by :func:`make_scheduler`.
+SCHEDULER_NAMES: Tuple[str, ...] = tuple(_SCHEDULERS)
+
+
+def scheduler_class_name(name: str) -> str:
+    """The diffusers class behind a scheduler name (raises for unknown or refused names)."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key in _MULTI_CALL:
+        raise UnknownSchedulerError(
+            "scheduler",
+            f"a scheduler that calls the model once per step ({', '.join(SCHEDULER_NAMES)}); "
+            f"{key!r} ({_MULTI_CALL[key]}) calls it more than once per step",
+            name,
+        )
+    if key not in _SCHEDULERS:
+        raise UnknownSchedulerError("scheduler", f"one of {', '.join(SCHEDULER_NAMES)}", name)
+    return _SCHEDULERS[key][0]
+
+
+def make_scheduler(name: str, base_config: Mapping[str, Any]):
+    """Build the diffusers scheduler ``name`` from a model's scheduler config.
+
+    Args:
+        name (`str`): one of :data:`SCHEDULER_NAMES`.
+        base_config (`Mapping`): the model's ``scheduler/scheduler_config.json`` content
+            (``num_train_timesteps``, ``beta_schedule``, ``prediction_type``, ...).
+
+    Raises:
+        UnknownSchedulerError: the name is unknown or names a multi-call scheduler.
+    """
+    import diffusers
+
+    cls_name = scheduler_class_name(name)
+    overrides = _SCHEDULERS[name.strip().lower()][1]
+    cls = getattr(diffusers, cls_name)
+    config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
+    config.update(overrides)
+    scheduler = cls.from_config(config)
+    if getattr(scheduler, "order", 1) != 1:  # pragma: no cover - guarded by the table above
+        raise UnknownSchedulerError("scheduler", "a scheduler of order 1", name)
+    return scheduler
+
+
+def set_timesteps(scheduler, steps: int, device) -> None:
+    """``scheduler.set_timesteps(steps)`` and a check that it yields one model call per step."""
+    scheduler.set_timesteps(steps, device=device)
+    n = len(scheduler.timesteps)
+    if n != steps:
+        raise UnknownSchedulerError(
+            "scheduler", f"a schedule of {steps} model calls for steps={steps}", f"{type(scheduler).__name__} ({n} calls)"
+        )
+
+
+__all__ = ["SCHEDULER_NAMES", "make_scheduler", "scheduler_class_name", "set_timesteps"]

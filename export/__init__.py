@@ -1,0 +1,1 @@
+"""diffusers model to ONNX graphs to TensorRT plans: the exporter side of cfgswitch."""

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random-weight Stable Diffusion models built offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """A tiny diffusers StableDiffusionPipeline (random weights, 16 px images by default)."""
+    from cfgswitch.tiny_model import tiny_pipeline
+
+    return tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_pipe):
+    """The tiny model saved as a diffusers folder with safetensors weights."""
+    from cfgswitch.tiny_model import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", pipeline=tiny_pipe)
+
+
+@pytest.fixture(scope="session")
+def tiny_sampler(tiny_model_dir):
+    """A torch-backend Sampler over the saved tiny model."""
+    from cfgswitch import Sampler
+
+    return Sampler.from_diffusers(tiny_model_dir)
+
+
+def pytest_configure(config):
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
