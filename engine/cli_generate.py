@@ -34,10 +34,28 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=run)
 
 
+def quiet_third_party_logs() -> None:
+    """Keep diffusers' and transformers' load-time chatter out of the command line's output."""
+    for name in ("diffusers", "transformers"):
+        try:
+            mod = __import__(f"{name}.utils.logging", fromlist=["set_verbosity_error"])
+            mod.set_verbosity_error()
+            if hasattr(mod, "disable_progress_bar"):
+                mod.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+
+
 def run(args: argparse.Namespace) -> int:
     from .default_model import resolve_model
+    from .plans import GuidancePlan
     from .sampler import Sampler
+    from .schedulers import scheduler_class_name
 
+    # cheap checks first: a typo should not cost a model load
+    GuidancePlan.parse(args.plan)
+    scheduler_class_name(args.scheduler)
+    quiet_third_party_logs()
     sampler = Sampler.load(resolve_model(args.model), backend=args.backend)
     negative = None
     if args.negative:

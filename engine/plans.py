@@ -175,7 +175,8 @@ class GuidancePlan:
     # ----------------------------------------------------------------- strings
     def __str__(self) -> str:
         def num(x: float) -> str:
-            return str(int(x)) if float(x).is_integer() and self.kind in ("step", "timestep") else repr(float(x))
+            text = repr(float(x))
+            return text[:-2] if text.endswith(".0") else text
 
         if self.kind == "always":
             return "always"

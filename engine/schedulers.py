@@ -73,10 +73,15 @@ def make_scheduler(name: str, base_config: Mapping[str, Any]):
 
 
 def set_timesteps(scheduler, steps: int, device) -> None:
-    """``scheduler.set_timesteps(steps)`` and a check that it yields one model call per step."""
+    """``scheduler.set_timesteps(steps)`` and a check that it yields one model call per step.
+
+    PNDM (PLMS) is the one exception: its warm-up evaluates the model once more at the
+    start, so it makes ``steps + 1`` calls, exactly as in diffusers' pipeline.
+    """
     scheduler.set_timesteps(steps, device=device)
     n = len(scheduler.timesteps)
-    if n != steps:
+    allowed = {steps, steps + 1} if type(scheduler).__name__ == "PNDMScheduler" else {steps}
+    if n not in allowed:
         raise UnknownSchedulerError(
             "scheduler", f"a schedule of {steps} model calls for steps={steps}", f"{type(scheduler).__name__} ({n} calls)"
         )

@@ -35,6 +35,35 @@ void cfg_combine_f32_py(std::uintptr_t uncond, std::uintptr_t cond, std::uintptr
                              per_image);
 }
 
+template <typename T>
+T* as_optional_ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void guide_and_step_f32_py(std::uintptr_t pred, std::uintptr_t rows, std::uintptr_t params, std::uintptr_t sample,
+                           std::uintptr_t prev, std::uintptr_t out, std::uintptr_t out_x0, std::uintptr_t cosine,
+                           std::int64_t batch, std::int64_t per_image, std::int64_t pred_rows) {
+  if (batch < 1 || per_image < 1 || pred_rows < 1) {
+    throw std::invalid_argument("guide_and_step: expected batch, per_image and pred_rows >= 1, got " +
+                                std::to_string(batch) + ", " + std::to_string(per_image) + " and " +
+                                std::to_string(pred_rows));
+  }
+  cfgswitch::GuideStepArgs args;
+  args.pred = as_ptr<const float>(pred, "pred");
+  args.rows = as_ptr<const std::int32_t>(rows, "rows");
+  args.params = as_ptr<const float>(params, "params");
+  args.sample = as_ptr<const float>(sample, "sample");
+  args.prev = as_optional_ptr<const float>(prev);
+  args.out = as_ptr<float>(out, "out");
+  args.out_x0 = as_optional_ptr<float>(out_x0);
+  args.cosine = as_optional_ptr<float>(cosine);
+  args.batch = batch;
+  args.per_image = per_image;
+  args.pred_rows = pred_rows;
+  py::gil_scoped_release release;
+  cfgswitch::guide_and_step_f32(args);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -42,9 +71,13 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("cfg_combine_f32", &cfg_combine_f32_py, py::arg("uncond"), py::arg("cond"), py::arg("weights"),
         py::arg("out"), py::arg("batch"), py::arg("per_image"),
         "out[b, i] = uncond[b, i] + weights[b] * (cond[b, i] - uncond[b, i]) for float32 CPU buffers.");
-#ifdef CFGSWITCH_WITH_CUDA
-  m.attr("has_cuda") = true;
-#else
+  m.def("guide_and_step_f32", &guide_and_step_f32_py, py::arg("pred"), py::arg("rows"), py::arg("params"),
+        py::arg("sample"), py::arg("prev"), py::arg("out"), py::arg("out_x0"), py::arg("cosine"), py::arg("batch"),
+        py::arg("per_image"), py::arg("pred_rows"),
+        "CFG combine + scheduler update (+ cosine) for float32 CPU buffers; see cfgswitch_kernels.h. "
+        "Addresses are integers; prev, out_x0 and cosine may be 0.");
+  m.attr("params_per_image") = cfgswitch::kParamsPerImage;
+  m.attr("rows_per_image") = cfgswitch::kRowsPerImage;
+  // The CUDA kernels live in their own C library (libcfgswitch_cuda.so), loaded by cfgswitch.kernels.
   m.attr("has_cuda") = false;
-#endif
 }

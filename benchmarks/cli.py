@@ -1,0 +1,84 @@
+"""``cfgswitch bench``: speed and quality of every plan, against diffusers, in one run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT = "bench-results"
+
+
+def add_parser(sub: "argparse._SubParsersAction") -> None:
+    """Register ``bench``."""
+    from .config import DEFAULT_PLANS
+
+    p = sub.add_parser("bench", help="benchmark guidance plans (speed, quality) against diffusers in one run",
+                       description="Times every plan and batch size in one process, interleaved, beside diffusers' "
+                                   "pipeline on the same components; writes results.json, report.md and plots.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="diffusers folder (default: the embedded model)")
+    src.add_argument("--bundle", default=None, help="exported bundle (onnxruntime / tensorrt backends)")
+    p.add_argument("--baseline-model", default=None, dest="baseline_model",
+                   help="with --bundle: the diffusers folder it was exported from (torch backend and diffusers baseline)")
+    p.add_argument("--backend", default=None,
+                   help="torch, onnxruntime or tensorrt; several comma-separated (default: torch, onnxruntime for a bundle)")
+    p.add_argument("--plans", default=",".join(DEFAULT_PLANS), help="comma-separated plans (always is added first)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
+    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale w")
+    p.add_argument("--repeat", type=int, default=5, help="timed calls per cell")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per cell first")
+    p.add_argument("--role-repeat", type=int, default=10, dest="role_repeat", help="timed direct calls per UNet role")
+    p.add_argument("--baseline", default="diffusers", choices=("diffusers", "none"))
+    p.add_argument("--quality", action="store_true", help="image quality per plan and the switch-point sweep")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of image 0 (image i gets seed + i)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> "BenchConfig":  # noqa: F821
+    """A checked :class:`~cfgswitch.benchmarks.config.BenchConfig` from parsed arguments (no model loads)."""
+    from cfgswitch.errors import InvalidArgumentError
+
+    from .config import BenchConfig, check_config
+
+    model = args.model
+    if args.baseline_model is not None:
+        if args.bundle is None:
+            raise InvalidArgumentError("baseline-model", "only with --bundle (use --model otherwise)", args.baseline_model)
+        model = args.baseline_model
+    cfg = BenchConfig(
+        model=model, bundle=args.bundle, backends=args.backend, plans=args.plans, steps=args.steps, batches=args.batch,
+        scheduler=args.scheduler, repeat=args.repeat, warmup=args.warmup, baseline=args.baseline, quality=args.quality,
+        guidance_scale=args.guidance, seed=args.seed, height=args.height, width=args.width, role_repeat=args.role_repeat,
+        threads=args.threads,
+    )
+    return check_config(cfg)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark, write its files, print the summary table."""
+    from .harness import run_benchmark
+    from .report import headline_table, write_results
+
+    cfg = config_from_args(args)
+    argv = ["cfgswitch"] + sys.argv[1:] if Path(sys.argv[0]).name in ("cfgswitch", "__main__.py") else None
+    results, images = run_benchmark(cfg, progress=not args.no_progress, argv=argv)
+    files = write_results(results, images, args.out)
+    t = results["derived"]["targets"]
+    print(headline_table(results))
+    print(f"\nrun took {results['elapsed_s']:.1f} s; host overhead per step max "
+          f"{(t['host_overhead_per_step_s']['max'] or 0) * 1e3:.3f} ms; report: {files['report']}")
+    return 0
+
+
+__all__ = ["add_parser", "config_from_args", "run"]

@@ -1,0 +1,119 @@
+"""Timed calls: one ``generate`` call of a cell, and the direct cost of each UNet role."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from cfgswitch.schedulers import make_scheduler, set_timesteps
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class CallResult:
+    """One timed call: seconds per stage, its images and its accounting."""
+
+    timings: Dict[str, float]
+    images: np.ndarray
+    cfg_steps: int
+    late_steps: int
+    unet_rows: int
+    switch_step: Optional[int]
+
+
+def sampler_call(sampler, prompts: Sequence[str], seeds: Sequence[int], plan: str, steps: int, scheduler: str,
+                 guidance_scale: float, height: int, width: int) -> CallResult:
+    """One ``Sampler.generate`` call (numpy output); its own per-stage timings."""
+    out = sampler.generate(list(prompts), steps=steps, guidance_scale=guidance_scale, scheduler=scheduler, plan=plan,
+                           seed=list(seeds), height=height, width=width, output_type="np")
+    return CallResult({k: float(v) for k, v in out.timings.items()}, np.asarray(out.images), out.cfg_steps,
+                      out.late_steps, out.unet_rows, out.switch_step)
+
+
+@dataclass
+class RoleInputs:
+    """Representative inputs of one UNet call at batch ``B``: mid-trajectory latents and timestep."""
+
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    both: torch.Tensor
+    late: torch.Tensor
+    weights: torch.Tensor
+
+
+def role_inputs(sampler, prompts: Sequence[str], steps: int, scheduler: str, guidance_scale: float,
+                height: int, width: int, seed: int = 0) -> RoleInputs:
+    """Inputs as the loop builds them at step ``steps // 2``: scaled latents, the timestep, ``[uncond; cond]``."""
+    device, dtype = sampler.runners.device, sampler.runners.dtype
+    batch = len(prompts)
+    sched = make_scheduler(scheduler, sampler.scheduler_config)
+    set_timesteps(sched, steps, device)
+    t = sched.timesteps[steps // 2]
+    factor = sampler.spec.vae_scale_factor
+    shape = (batch, sampler.spec.latent_channels, height // factor, width // factor)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    latents = (torch.randn(shape, generator=gen, dtype=dtype) * sched.init_noise_sigma).to(device)
+    sample = sched.scale_model_input(latents, t)
+    cond, _ = sampler.encode_prompts(list(prompts))
+    uncond, _ = sampler.encode_prompts([""] * batch)
+    return RoleInputs(
+        sample=sample, timestep=t.to(device=device, dtype=torch.float32).expand(batch), both=torch.cat([uncond, cond]),
+        late=uncond, weights=torch.full((batch,), guidance_scale, dtype=torch.float32, device=device),
+    )
+
+
+def time_roles(sampler, inputs: RoleInputs, repeat: int, warmup: int = 1) -> Tuple[List[float], List[float]]:
+    """Seconds of ``repeat`` ``cfg`` calls and ``repeat`` ``late`` calls, interleaved (cfg, late, cfg, ...).
+
+    Calls go straight to ``sampler.runners.unet_cfg.predict_guided`` and ``sampler.runners.unet.predict``.
+    """
+    device = sampler.runners.device
+    cfg_runner, late_runner = sampler.runners.unet_cfg, sampler.runners.unet
+
+    def cfg_call() -> None:
+        cfg_runner.predict_guided(inputs.sample, inputs.timestep, inputs.both, inputs.weights)
+
+    def late_call() -> None:
+        late_runner.predict(inputs.sample, inputs.timestep, inputs.late)
+
+    for _ in range(warmup):
+        cfg_call()
+        late_call()
+    cfg_s: List[float] = []
+    late_s: List[float] = []
+    for _ in range(repeat):
+        for fn, sink in ((cfg_call, cfg_s), (late_call, late_s)):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            sink.append(time.perf_counter() - start)
+    return cfg_s, late_s
+
+
+def rotate(items: List[Any], offset: int) -> List[Any]:
+    """``items`` started at ``offset`` (mod its length): each round starts with another cell."""
+    if not items:
+        return []
+    k = offset % len(items)
+    return items[k:] + items[:k]
+
+
+def interleaved(cells: List[Any], rounds: int, call: Callable[[Any, int], None], progress: Optional[Any] = None) -> None:
+    """Call ``call(cell, round)`` for every cell in every round, A B A B, the start rotating per round."""
+    for r in range(rounds):
+        for cell in rotate(cells, r):
+            call(cell, r)
+            if progress is not None:
+                progress.update(1)
+
+
+__all__ = ["CallResult", "RoleInputs", "interleaved", "role_inputs", "rotate", "sampler_call", "time_roles"]

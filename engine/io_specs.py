@@ -1,0 +1,352 @@
+"""The tensors of every exported graph, and the shapes TensorRT is asked to support.
+
+One declarative source of truth, read by the exporter (``cfgswitch.export``) and by
+the runtimes (ONNX Runtime, TensorRT): tensor names, dtypes, symbolic shapes (the
+dynamic axes of the ONNX graphs) and the min/opt/max optimization profiles of each
+role (``cfg``: 2B UNet rows, ``late``: B rows) in each TensorRT layout.
+
+Symbolic dimensions:
+
+======  ===============================================================
+``B``   images in the request (the ``late`` role's rows)
+``2B``  UNet rows of the guided graph (``[uncond; cond]``)
+``N``   rows of the plain UNet in the ``shared`` layout's ``cfg`` role
+``T``   prompts encoded in one text-encoder call
+``h``   latent height, ``w`` latent width
+``H``   image height (``h * factor``), ``W`` image width
+======  ===============================================================
+
+Model constants (``latent_channels``, ``text_length``, ``text_width``) are filled from
+:class:`ModelDims`. Nothing here imports torch, ONNX, ONNX Runtime or TensorRT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+Dim = Union[int, str]
+
+#: The graphs of a bundle, in export order.
+GRAPH_NAMES: Tuple[str, ...] = ("text_encoder", "unet", "unet_cfg", "vae_decoder")
+#: The UNet roles of the loop.
+ROLES: Tuple[str, ...] = ("cfg", "late")
+#: TensorRT layouts: one plan per role, or one plain-UNet plan with a profile per role.
+LAYOUTS: Tuple[str, ...] = ("two-engines", "shared")
+#: Every engine a TensorRT runtime needs: the two UNet roles plus text encoder and VAE.
+COMPONENTS: Tuple[str, ...] = ("text_encoder", "cfg", "late", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The constant dimensions of a model.
+
+    Attributes:
+        latent_channels (`int`): UNet input channels (4 for SD 1.x/2.x).
+        vae_scale_factor (`int`): image pixels per latent pixel (8 for SD).
+        text_length (`int`): tokens per prompt (77).
+        text_width (`int`): text-encoder hidden size.
+    """
+
+    latent_channels: int
+    vae_scale_factor: int
+    text_length: int
+    text_width: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output tensor of a graph.
+
+    Attributes:
+        name (`str`): the ONNX / TensorRT tensor name.
+        dtype (`str`): ``float32``, ``float16`` or ``int64``; ``"model"`` means the export dtype.
+        shape (`tuple`): ints and symbolic dimension names (see the module docstring).
+    """
+
+    name: str
+    dtype: str
+    shape: Tuple[Dim, ...]
+
+    def resolved_dtype(self, model_dtype: str) -> str:
+        """The concrete dtype for a bundle exported in ``model_dtype`` (``float32`` / ``float16``)."""
+        return model_dtype if self.dtype == "model" else self.dtype
+
+    def dynamic_axes(self) -> Dict[int, str]:
+        """``{axis: symbol}`` of the symbolic axes (the ONNX exporter's ``dynamic_axes`` entry)."""
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The interface of one exported graph.
+
+    Attributes:
+        name (`str`): graph name (``unet_cfg``); its file is ``<name>.onnx``.
+        inputs, outputs (`tuple[TensorSpec]`): in call order.
+        rows (`str`): the symbol of its batch axis (what a profile varies).
+    """
+
+    name: str
+    inputs: Tuple[TensorSpec, ...]
+    outputs: Tuple[TensorSpec, ...]
+    rows: str
+
+    @property
+    def file(self) -> str:
+        """The graph's ONNX file name inside a bundle."""
+        return f"{self.name}.onnx"
+
+    @property
+    def input_names(self) -> List[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> List[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> Dict[str, Dict[int, str]]:
+        """The exporter's ``dynamic_axes`` for every input and output."""
+        return {t.name: t.dynamic_axes() for t in self.inputs + self.outputs if t.dynamic_axes()}
+
+
+def _graph_table(dims: ModelDims) -> Dict[str, GraphSpec]:
+    c, L, C = dims.latent_channels, dims.text_length, dims.text_width
+    return {
+        "text_encoder": GraphSpec(
+            "text_encoder",
+            inputs=(TensorSpec("input_ids", "int64", ("T", L)),),
+            outputs=(TensorSpec("last_hidden_state", "model", ("T", L, C)),),
+            rows="T",
+        ),
+        "unet": GraphSpec(
+            "unet",
+            inputs=(
+                TensorSpec("sample", "model", ("B", c, "h", "w")),
+                TensorSpec("timestep", "float32", ("B",)),
+                TensorSpec("encoder_hidden_states", "model", ("B", L, C)),
+            ),
+            outputs=(TensorSpec("noise_pred", "model", ("B", c, "h", "w")),),
+            rows="B",
+        ),
+        "unet_cfg": GraphSpec(
+            "unet_cfg",
+            inputs=(
+                TensorSpec("sample", "model", ("B", c, "h", "w")),
+                TensorSpec("timestep", "float32", ("B",)),
+                TensorSpec("encoder_hidden_states", "model", ("2B", L, C)),
+                TensorSpec("guidance_scale", "float32", ("B",)),
+            ),
+            outputs=(TensorSpec("noise_pred", "model", ("B", c, "h", "w")),),
+            rows="B",
+        ),
+        "vae_decoder": GraphSpec(
+            "vae_decoder",
+            inputs=(TensorSpec("latents", "model", ("B", c, "h", "w")),),
+            outputs=(TensorSpec("image", "model", ("B", 3, "H", "W")),),
+            rows="B",
+        ),
+    }
+
+
+def graph_specs(dims: ModelDims) -> Dict[str, GraphSpec]:
+    """The :class:`GraphSpec` of every graph of a model with ``dims``, by graph name."""
+    return _graph_table(dims)
+
+
+def graph_spec(name: str, dims: ModelDims) -> GraphSpec:
+    """The :class:`GraphSpec` of graph ``name`` (one of :data:`GRAPH_NAMES`)."""
+    table = _graph_table(dims)
+    if name not in table:
+        raise KeyError(f"graph: expected one of {', '.join(GRAPH_NAMES)}, got {name!r}")
+    return table[name]
+
+
+def resolve_shape(shape: Sequence[Dim], env: Mapping[str, int]) -> Tuple[int, ...]:
+    """Concrete shape of a symbolic one; ``env`` gives ``B``, ``T``, ``h``, ``w`` (``2B``, ``H``, ``W`` derive)."""
+    out = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+        elif d == "2B":
+            out.append(2 * env["B"])
+        elif d in env:
+            out.append(int(env[d]))
+        else:
+            raise KeyError(f"dimension {d!r}: no value given (have {', '.join(sorted(env))})")
+    return tuple(out)
+
+
+def shape_env(rows: int, height: int, width: int, factor: int) -> Dict[str, int]:
+    """The symbol values of a request: ``rows`` for every row symbol, latent and image sizes."""
+    return {"B": rows, "T": rows, "N": rows, "h": height // factor, "w": width // factor, "H": height, "W": width}
+
+
+# ---------------------------------------------------------------------- roles and profiles
+@dataclass(frozen=True)
+class RoleBinding:
+    """Which graph serves a component in a layout, and how its rows relate to the batch B.
+
+    Attributes:
+        component (`str`): ``text_encoder``, ``cfg``, ``late`` or ``vae_decoder``.
+        graph (`str`): the graph whose plan serves it.
+        row_factor (`int`): rows of the graph's batch axis per image (2 for the plain UNet in
+            the ``shared`` layout's ``cfg`` role; 1 otherwise: ``unet_cfg`` doubles inside).
+        combine_outside (`bool`): the CFG combine runs after the engine (``shared`` layout).
+    """
+
+    component: str
+    graph: str
+    row_factor: int = 1
+    combine_outside: bool = False
+
+
+def role_binding(component: str, layout: str = "two-engines") -> RoleBinding:
+    """The :class:`RoleBinding` of ``component`` in ``layout``."""
+    if layout not in LAYOUTS:
+        raise KeyError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if component == "cfg":
+        if layout == "shared":
+            return RoleBinding("cfg", "unet", row_factor=2, combine_outside=True)
+        return RoleBinding("cfg", "unet_cfg")
+    if component == "late":
+        return RoleBinding("late", "unet")
+    if component in ("text_encoder", "vae_decoder"):
+        return RoleBinding(component, component)
+    raise KeyError(f"component: expected one of {', '.join(COMPONENTS)}, got {component!r}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One TensorRT optimization profile: ``{input name: (min, opt, max) shapes}``.
+
+    Attributes:
+        component (`str`): the component it serves.
+        batch (`tuple[int, int, int]`): min/opt/max images B it serves.
+        image_size (`tuple`): ``((hmin, wmin), (hopt, wopt), (hmax, wmax))`` in pixels.
+        shapes (`dict`): input name to its min, opt and max shapes.
+    """
+
+    component: str
+    batch: Tuple[int, int, int]
+    image_size: Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]
+    shapes: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=dict)
+
+    def covers(self, batch: int, height: int, width: int) -> bool:
+        """Whether a request of ``batch`` images of ``height`` x ``width`` fits this profile."""
+        (h0, w0), _, (h1, w1) = self.image_size
+        return self.batch[0] <= batch <= self.batch[2] and h0 <= height <= h1 and w0 <= width <= w1
+
+    def to_json(self) -> Dict:
+        """A JSON-ready dict (the manifest's form)."""
+        return {
+            "component": self.component, "batch": list(self.batch), "image_size": [list(s) for s in self.image_size],
+            "shapes": {k: [list(s) for s in v] for k, v in self.shapes.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "Profile":
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            component=d["component"], batch=tuple(d["batch"]), image_size=tuple(tuple(s) for s in d["image_size"]),
+            shapes={k: tuple(tuple(s) for s in v) for k, v in d["shapes"].items()},
+        )
+
+
+def _profile(component: str, spec: GraphSpec, row_factor: int, factor: int,
+             batch: Tuple[int, int, int], sizes: Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]) -> Profile:
+    shapes = {}
+    for t in spec.inputs:
+        three = tuple(resolve_shape(t.shape, shape_env(b * row_factor, hw[0], hw[1], factor)) for b, hw in zip(batch, sizes))
+        shapes[t.name] = three
+    return Profile(component, batch, sizes, shapes)
+
+
+def profiles_for(component: str, dims: ModelDims, batch_sizes: Sequence[int], image_sizes: Sequence[Tuple[int, int]],
+                 layout: str = "two-engines", static: bool = True) -> List[Profile]:
+    """The optimization profiles TensorRT is asked for, for one component.
+
+    Static: one profile per (batch size, image size), ``min == opt == max`` (the fastest
+    tactics). Dynamic: one profile from the smallest to the largest batch and size, with
+    ``opt`` at the largest batch and the first image size.
+
+    Args:
+        component (`str`): one of :data:`COMPONENTS`.
+        dims (`ModelDims`): the model's constant dimensions.
+        batch_sizes (`Sequence[int]`): images per request the bundle supports.
+        image_sizes (`Sequence[tuple[int, int]]`): ``(height, width)`` pixel sizes it supports.
+        layout (`str`, defaults to ``"two-engines"``): one of :data:`LAYOUTS`.
+        static (`bool`, defaults to True): static shapes rather than one dynamic profile.
+    """
+    binding = role_binding(component, layout)
+    spec = graph_spec(binding.graph, dims)
+    bs = sorted(set(int(b) for b in batch_sizes))
+    sizes = [tuple(int(x) for x in s) for s in image_sizes]
+    if not bs or not sizes:
+        raise ValueError("batch_sizes and image_sizes must not be empty")
+    if static:
+        return [_profile(component, spec, binding.row_factor, dims.vae_scale_factor, (b, b, b), (s, s, s))
+                for s in sizes for b in bs]
+    lo = (min(s[0] for s in sizes), min(s[1] for s in sizes))
+    hi = (max(s[0] for s in sizes), max(s[1] for s in sizes))
+    # The text encoder and VAE see as few as one row; the UNet roles see whole requests.
+    b_min = 1 if component in ("text_encoder", "vae_decoder") else bs[0]
+    return [_profile(component, spec, binding.row_factor, dims.vae_scale_factor, (b_min, bs[-1], bs[-1]), (lo, sizes[0], hi))]
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """One TensorRT plan to build: its graph and its profiles (indices in order).
+
+    Attributes:
+        name (`str`): plan name (``unet_cfg``, ``unet``, ``text_encoder``, ``vae_decoder``).
+        graph (`str`): the ONNX graph it is built from.
+        profiles (`list[Profile]`): its optimization profiles; the index is the profile index.
+    """
+
+    name: str
+    graph: str
+    profiles: Tuple[Profile, ...]
+
+    def profile_indices(self, component: str) -> List[int]:
+        """Indices of the profiles serving ``component``."""
+        return [i for i, p in enumerate(self.profiles) if p.component == component]
+
+
+def plan_specs(dims: ModelDims, batch_sizes: Sequence[int], image_sizes: Sequence[Tuple[int, int]],
+               layout: str = "two-engines", static: bool = True) -> List[PlanSpec]:
+    """The plans a layout needs.
+
+    ``two-engines``: ``unet_cfg`` (profiles of the ``cfg`` role) and ``unet`` (``late``).
+    ``shared``: one ``unet`` plan whose profiles are those of ``cfg`` (2B rows) then those
+    of ``late`` (B rows). Both add ``text_encoder`` and ``vae_decoder``.
+    """
+    def prof(component: str) -> Tuple[Profile, ...]:
+        return tuple(profiles_for(component, dims, batch_sizes, image_sizes, layout, static))
+
+    plans = [PlanSpec("text_encoder", "text_encoder", prof("text_encoder"))]
+    if layout == "shared":
+        plans.append(PlanSpec("unet", "unet", prof("cfg") + prof("late")))
+    elif layout == "two-engines":
+        plans.append(PlanSpec("unet_cfg", "unet_cfg", prof("cfg")))
+        plans.append(PlanSpec("unet", "unet", prof("late")))
+    else:
+        raise KeyError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    plans.append(PlanSpec("vae_decoder", "vae_decoder", prof("vae_decoder")))
+    return plans
+
+
+def select_profile(profiles: Iterable[Profile], component: str, batch: int, height: int, width: int) -> Optional[int]:
+    """Index of the first profile of ``component`` that covers the request, preferring exact (static) ones."""
+    indexed = [(i, p) for i, p in enumerate(profiles) if p.component == component and p.covers(batch, height, width)]
+    exact = [i for i, p in indexed if p.batch[0] == p.batch[2] == batch]
+    if exact:
+        return exact[0]
+    return indexed[0][0] if indexed else None
+
+
+__all__ = [
+    "COMPONENTS", "GRAPH_NAMES", "GraphSpec", "LAYOUTS", "ModelDims", "PlanSpec", "Profile", "ROLES", "RoleBinding",
+    "TensorSpec", "graph_spec", "graph_specs", "plan_specs", "profiles_for", "resolve_shape", "role_binding",
+    "select_profile", "shape_env",
+]

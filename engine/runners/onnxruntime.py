@@ -1,0 +1,223 @@
+"""The ONNX Runtime backend: a bundle's four graphs run through IO binding.
+
+Inputs are bound by pointer straight from the caller's torch tensors (cast only when
+the graph's dtype differs), and outputs are bound to torch tensors allocated for the
+result, so no numpy round trip and no ONNX Runtime allocation happens per step.
+Results are float32 CPU tensors (an fp16 bundle is cast at this boundary, so the loop
+keeps its latents in float32). Execution providers are the user's choice, CPU by default.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..bundle import Bundle, check_bundle_request, verify_graphs
+from ..errors import BackendUnavailableError, InvalidArgumentError
+from ..io_specs import GRAPH_NAMES, GraphSpec, graph_spec, resolve_shape
+from .base import Runners
+
+logger = logging.getLogger(__name__)
+
+ProviderArg = Union[str, Tuple[str, Dict[str, Any]]]
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+#: Providers that exist only in onnxruntime-gpu (or other special builds), with the extra that brings them.
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider")
+#: Short names accepted for the common providers.
+_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+CPU_EXTRA = "pip install 'cfgswitch[cpu]'"
+GPU_EXTRA = "pip install 'cfgswitch[gpu]'"
+
+
+def import_onnxruntime():
+    """``import onnxruntime``, or a :class:`BackendUnavailableError` naming the extra to install."""
+    try:
+        return importlib.import_module("onnxruntime")
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"backend 'onnxruntime' needs the onnxruntime package, which is not installed ({e}); "
+            f"install it with: {CPU_EXTRA} (CPU) or {GPU_EXTRA} (CUDA)"
+        ) from e
+
+
+def check_providers(providers: Union[None, ProviderArg, Sequence[ProviderArg]], available: Sequence[str]) -> List[ProviderArg]:
+    """The provider list to give ONNX Runtime (CPU when ``None``).
+
+    Raises:
+        InvalidArgumentError: a provider name ONNX Runtime does not know, or a malformed entry.
+        BackendUnavailableError: a known provider missing from this build (names the extra).
+    """
+    if providers is None:
+        return ["CPUExecutionProvider"]
+    items = [providers] if isinstance(providers, (str, tuple)) else list(providers)
+    if not items:
+        raise InvalidArgumentError("providers", "a non-empty list of ONNX Runtime execution providers", providers)
+    out: List[ProviderArg] = []
+    for item in items:
+        name = item[0] if isinstance(item, tuple) else item
+        if not isinstance(name, str) or (isinstance(item, tuple) and (len(item) != 2 or not isinstance(item[1], dict))):
+            raise InvalidArgumentError("providers", "provider names or (name, options dict) pairs", item)
+        name = _ALIASES.get(name.lower(), name)
+        if name not in available:
+            if name in _GPU_PROVIDERS:
+                raise BackendUnavailableError(
+                    f"ONNX Runtime provider {name} is not in this onnxruntime build (available: {', '.join(available)}); "
+                    f"install onnxruntime-gpu with: {GPU_EXTRA}"
+                )
+            raise InvalidArgumentError("providers", f"providers of this onnxruntime build ({', '.join(available)})", name)
+        out.append((name, item[1]) if isinstance(item, tuple) else name)
+    return out
+
+
+def _numpy_dtype(name: str):
+    import numpy as np
+
+    return {"float32": np.float32, "float16": np.float16, "int64": np.int64}[name]
+
+
+class OrtGraph:
+    """One ONNX Runtime session of a bundle graph, called with torch tensors through IO binding.
+
+    Args:
+        session: an ``onnxruntime.InferenceSession``.
+        spec (`GraphSpec`): the graph's interface (from :mod:`cfgswitch.io_specs`).
+        model_dtype (`str`): the bundle's export dtype.
+        factor (`int`): the VAE factor (to size the decoder's output).
+    """
+
+    def __init__(self, session, spec: GraphSpec, model_dtype: str, factor: int) -> None:
+        self.session = session
+        self.spec = spec
+        self.factor = factor
+        self.in_dtypes = [t.resolved_dtype(model_dtype) for t in spec.inputs]
+        self.out_dtypes = [t.resolved_dtype(model_dtype) for t in spec.outputs]
+        self.binding = session.io_binding()
+
+    def _env(self, tensors: Sequence[torch.Tensor]) -> Dict[str, int]:
+        env: Dict[str, int] = {}
+        for t, x in zip(self.spec.inputs, tensors):
+            if x.dim() != len(t.shape):
+                raise InvalidArgumentError(f"{self.spec.name}.{t.name}", f"a {len(t.shape)}-d tensor", tuple(x.shape))
+            for d, n in zip(t.shape, x.shape):
+                if isinstance(d, str) and d != "2B":
+                    env[d] = int(n)
+        if "h" in env:
+            env["H"], env["W"] = env["h"] * self.factor, env["w"] * self.factor
+        return env
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """Run the graph on CPU torch tensors (cast and made contiguous as needed); returns its output."""
+        env = self._env(tensors)
+        b = self.binding
+        keep = []
+        for t, x, dt in zip(self.spec.inputs, tensors, self.in_dtypes):
+            x = x.detach().to(device="cpu", dtype=_TORCH[dt]).contiguous()
+            keep.append(x)  # alive until the run below returns
+            b.bind_input(t.name, "cpu", 0, _numpy_dtype(dt), tuple(x.shape), x.data_ptr())
+        outs = []
+        for t, dt in zip(self.spec.outputs, self.out_dtypes):
+            y = torch.empty(resolve_shape(t.shape, env), dtype=_TORCH[dt])
+            outs.append(y)
+            b.bind_output(t.name, "cpu", 0, _numpy_dtype(dt), tuple(y.shape), y.data_ptr())
+        self.session.run_with_iobinding(b)
+        y = outs[0]
+        return y if y.dtype == torch.float32 else y.float()
+
+
+class OrtTextEncoder:
+    """:class:`~cfgswitch.runners.base.TextEncoderRunner` on ``text_encoder.onnx``."""
+
+    def __init__(self, graph: OrtGraph) -> None:
+        self.graph = graph
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.graph(input_ids)
+
+
+class OrtUNet:
+    """:class:`~cfgswitch.runners.base.UNetRunner` on ``unet.onnx`` (any row count)."""
+
+    def __init__(self, graph: OrtGraph) -> None:
+        self.graph = graph
+
+    def predict(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.graph(sample, timestep, encoder_hidden_states)
+
+
+class OrtGuidedUNet:
+    """:class:`~cfgswitch.runners.base.GuidedUNetRunner` on ``unet_cfg.onnx`` (concat, UNet, combine in one graph)."""
+
+    def __init__(self, graph: OrtGraph) -> None:
+        self.graph = graph
+
+    def predict_guided(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                       guidance_scale: torch.Tensor) -> torch.Tensor:
+        return self.graph(sample, timestep, encoder_hidden_states, guidance_scale)
+
+
+class OrtVaeDecoder:
+    """:class:`~cfgswitch.runners.base.VaeDecoderRunner` on ``vae_decoder.onnx``."""
+
+    def __init__(self, graph: OrtGraph) -> None:
+        self.graph = graph
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.graph(latents)
+
+
+def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequence[ProviderArg]] = None,
+                        threads: Optional[int] = None, verify_files: bool = True) -> Runners:
+    """The :class:`Runners` of a bundle on ONNX Runtime.
+
+    Args:
+        bundle (`Bundle`): a bundle read by :func:`cfgswitch.bundle.read_manifest`.
+        providers (`str` or `list`, optional): execution providers in priority order (names or
+            ``(name, options)`` pairs); ``None`` is ``["CPUExecutionProvider"]``.
+        threads (`int`, optional): intra-op threads per session (ONNX Runtime's default when ``None``).
+        verify_files (`bool`, defaults to True): check each graph's size and sha256 against the manifest.
+
+    Raises:
+        BackendUnavailableError: onnxruntime, or a requested provider, is not installed.
+        InvalidArgumentError: a bad provider or thread count.
+        BundleError: a graph file is missing, truncated or replaced.
+    """
+    ort = import_onnxruntime()
+    chosen = check_providers(providers, ort.get_available_providers())
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InvalidArgumentError("threads", "a positive integer (or None for ONNX Runtime's default)", threads)
+    if verify_files:
+        verify_graphs(bundle, GRAPH_NAMES)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    dims = bundle.dims
+    graphs: Dict[str, OrtGraph] = {}
+    for name in GRAPH_NAMES:
+        sess = ort.InferenceSession(str(bundle.graph_path(name)), opts, providers=chosen)
+        graphs[name] = OrtGraph(sess, graph_spec(name, dims), bundle.dtype, dims.vae_scale_factor)
+    used = graphs["unet"].session.get_providers()
+    logger.info("onnxruntime %s: providers %s, %s threads", ort.__version__, ", ".join(used), threads or "default")
+
+    def check_request(batch: int, height: int, width: int) -> None:
+        check_bundle_request(bundle, batch, height, width, exact_batch=False)
+
+    return Runners(
+        text_encoder=OrtTextEncoder(graphs["text_encoder"]),
+        unet_cfg=OrtGuidedUNet(graphs["unet_cfg"]),
+        unet=OrtUNet(graphs["unet"]),
+        vae_decoder=OrtVaeDecoder(graphs["vae_decoder"]),
+        backend="onnxruntime",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        info={"bundle": str(bundle.path), "bundle_dtype": bundle.dtype, "providers": used,
+              "threads": threads, "onnxruntime": ort.__version__},
+        check_request=check_request,
+    )
+
+
+__all__ = ["OrtGraph", "check_providers", "import_onnxruntime", "onnxruntime_runners"]

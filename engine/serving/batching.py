@@ -1,0 +1,227 @@
+"""Requests to images: parse and check each request, group compatible images, run each group once.
+
+A dynamic batch holds several requests (each of one or more images). Images that share
+steps, size, scheduler, plan and guidance scale run as one :meth:`Sampler.generate` call
+with one seed per image, so an image does not depend on the batch it ran in (see
+DESIGN.md section 4: one generator per image). Used by both serving paths: the PyTriton
+infer function and the Python-backend pipeline model of a repository.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import CfgSwitchError, InvalidArgumentError
+from ..plans import GuidancePlan
+from ..schedulers import scheduler_class_name
+from ..validation import MAX_SEED, check_size
+from .limits import ServeLimits
+from .protocol import INPUTS
+
+logger = logging.getLogger(__name__)
+
+_OPTIONAL = {t.name for t in INPUTS if t.optional}
+_KNOWN = {t.name for t in INPUTS}
+_KIND = {"BYTES": "a UTF-8 string (BYTES)", "INT64": "an integer (INT64)", "INT32": "an integer (INT32)", "FP32": "a float (FP32)"}
+_DTYPE = {t.name: t.triton_dtype for t in INPUTS}
+
+
+class RequestError(CfgSwitchError):
+    """A request of a dynamic batch is invalid; the message names the request and the input."""
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """What images must share to run in one ``generate`` call."""
+
+    steps: int
+    height: int
+    width: int
+    scheduler: str
+    plan: str
+    guidance_scale: float
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image of a request: its texts, seed and the settings it runs with."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    key: GroupKey
+
+
+def _column(data: Mapping[str, Any], name: str, rows: Optional[int]) -> Optional[np.ndarray]:
+    """Input ``name`` as a ``[rows]`` array (``None`` when an optional input is absent)."""
+    arr = data.get(name)
+    if arr is None:
+        if name in _OPTIONAL:
+            return None
+        raise InvalidArgumentError(name, f"an input {name!r} ({_KIND[_DTYPE[name]]}, shape [batch, 1])", "no such input")
+    arr = np.asarray(arr)
+    if arr.ndim != 2 or arr.shape[1] != 1 or arr.shape[0] < 1 or (rows is not None and arr.shape[0] != rows):
+        want = f"[{rows}, 1]" if rows is not None else "[batch, 1]"
+        raise InvalidArgumentError(name, f"shape {want}", list(arr.shape))
+    kind = _DTYPE[name]
+    ok = (arr.dtype.kind in "OSU") if kind == "BYTES" else (
+        arr.dtype == np.float32 if kind == "FP32" else arr.dtype.kind in "iu")
+    if not ok:
+        raise InvalidArgumentError(name, _KIND[kind], f"dtype {arr.dtype}")
+    return arr[:, 0]
+
+
+def _text(name: str, value: Any, limits: ServeLimits) -> str:
+    if isinstance(value, str):
+        raw = value.encode("utf-8")
+    elif isinstance(value, (bytes, np.bytes_)):
+        raw = bytes(value)
+    else:
+        raise InvalidArgumentError(name, "a UTF-8 string (BYTES)", type(value).__name__)
+    if len(raw) > limits.max_prompt_bytes:
+        raise InvalidArgumentError(name, f"at most {limits.max_prompt_bytes} bytes (the server's --max-prompt-bytes)",
+                                   f"{len(raw)} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgumentError(name, "UTF-8 text", raw[:40]) from None
+
+
+def _int(name: str, value: Any, lo: int, hi: int, hint: str = "") -> int:
+    v = int(value)
+    if not lo <= v <= hi:
+        raise InvalidArgumentError(name, f"an integer in [{lo}, {hi}]{hint}", v)
+    return v
+
+
+def parse_request(data: Mapping[str, Any], *, limits: ServeLimits, default_size: int, vae_factor: int,
+                  check_request: Optional[Callable[..., None]] = None) -> List[ImageJob]:
+    """Check one request's inputs (``{name: array [b, 1]}``) and return its images.
+
+    Args:
+        data (`Mapping[str, np.ndarray]`): the request's input tensors by name.
+        limits (`ServeLimits`): the server's limits and defaults.
+        default_size (`int`): height and width when a request leaves them out.
+        vae_factor (`int`): sizes must be multiples of it.
+        check_request (`callable`, optional): the backend's ``check_request(batch=, height=, width=)``.
+
+    Raises:
+        InvalidArgumentError: an input is missing, of the wrong dtype or shape, or out of range;
+            the message names the input.
+    """
+    unknown = sorted(set(data) - _KNOWN)
+    if unknown:
+        raise InvalidArgumentError("inputs", f"only {', '.join(sorted(_KNOWN))}", unknown)
+    prompts = _column(data, "prompt", None)
+    rows = len(prompts)
+    if rows > limits.max_batch:
+        raise InvalidArgumentError("prompt", f"at most {limits.max_batch} images per request (--max-batch)", f"{rows} images")
+    cols = {name: _column(data, name, rows) for name in _KNOWN if name != "prompt"}
+    jobs = []
+    for i in range(rows):
+        def get(name: str, default: Any) -> Any:
+            col = cols[name]
+            return default if col is None else col[i]
+
+        sfx = f"[{i}]" if rows > 1 else ""
+        prompt = _text("prompt" + sfx, prompts[i], limits)
+        negative = _text("negative_prompt" + sfx, get("negative_prompt", b""), limits)
+        seed = get("seed", None)
+        seed = secrets.randbelow(2**31) if seed is None else _int("seed" + sfx, seed, 0, MAX_SEED)
+        steps = _int("steps" + sfx, get("steps", limits.default_steps), 1, limits.max_steps, " (the server's --max-steps)")
+        guidance = float(get("guidance_scale", 7.5))
+        if not math.isfinite(guidance) or guidance < 0:
+            raise InvalidArgumentError("guidance_scale" + sfx, "a finite number >= 0", guidance)
+        plan = str(GuidancePlan.parse(_text("plan" + sfx, get("plan", limits.default_plan.encode()), limits)))
+        scheduler = _text("scheduler" + sfx, get("scheduler", b"ddim"), limits).strip().lower()
+        scheduler_class_name(scheduler)
+        side = " (the server's --max-image-side)"
+        height = _int("height" + sfx, get("height", default_size), vae_factor, limits.max_image_side, side)
+        width = _int("width" + sfx, get("width", default_size), vae_factor, limits.max_image_side, side)
+        check_size("height" + sfx, height, vae_factor)
+        check_size("width" + sfx, width, vae_factor)
+        if check_request is not None:
+            check_request(batch=1, height=height, width=width)
+        if jobs and (height, width) != (jobs[0].key.height, jobs[0].key.width):
+            raise InvalidArgumentError("height" + sfx, f"the size of image 0 ({jobs[0].key.height}x{jobs[0].key.width}): "
+                                       "the images of one request share a size", f"{height}x{width}")
+        key = GroupKey(steps, height, width, scheduler, plan, guidance)
+        jobs.append(ImageJob(prompt, negative, seed, key))
+    return jobs
+
+
+def parse_batch(requests: Sequence[Mapping[str, Any]], **kwargs: Any) -> List[List[ImageJob]]:
+    """:func:`parse_request` over a dynamic batch; the first invalid request fails it.
+
+    Raises:
+        CfgSwitchError: the request's own error when the batch holds one request, else a
+            :class:`RequestError` that names the request's index in the batch.
+    """
+    parsed = []
+    for index, request in enumerate(requests):
+        try:
+            parsed.append(parse_request(request, **kwargs))
+        except CfgSwitchError as e:
+            if len(requests) == 1:
+                raise
+            raise RequestError(f"request {index} of a dynamic batch of {len(requests)}: {e}") from e
+    return parsed
+
+
+def group_jobs(parsed: Sequence[Sequence[ImageJob]], max_batch: int) -> List[Tuple[GroupKey, List[Tuple[int, int, ImageJob]]]]:
+    """Images of a batch grouped by :class:`GroupKey` (first-seen order), in chunks of at most ``max_batch``.
+
+    Returns a list of ``(key, [(request index, row, job), ...])``.
+    """
+    groups: "OrderedDict[GroupKey, List[Tuple[int, int, ImageJob]]]" = OrderedDict()
+    for r, jobs in enumerate(parsed):
+        for row, job in enumerate(jobs):
+            groups.setdefault(job.key, []).append((r, row, job))
+    out = []
+    for key, members in groups.items():
+        for start in range(0, len(members), max_batch):
+            out.append((key, members[start:start + max_batch]))
+    return out
+
+
+def run_batch(sampler: Any, parsed: Sequence[Sequence[ImageJob]], max_batch: int) -> List[Dict[str, np.ndarray]]:
+    """Generate every image of a parsed batch and return one output dict per request.
+
+    Each group runs as one ``sampler.generate`` call with per-image seeds.
+    """
+    from ..output import to_uint8
+
+    results: List[Dict[str, Any]] = [
+        {"image": [None] * len(jobs), "cfg_steps": [0] * len(jobs), "late_steps": [0] * len(jobs)} for jobs in parsed
+    ]
+    for key, members in group_jobs(parsed, max_batch):
+        jobs = [m[2] for m in members]
+        out = sampler.generate(
+            [j.prompt for j in jobs], [j.negative_prompt for j in jobs], steps=key.steps,
+            guidance_scale=key.guidance_scale, scheduler=key.scheduler, plan=key.plan, seed=[j.seed for j in jobs],
+            height=key.height, width=key.width, output_type="np",
+        )
+        images = to_uint8(out.images)
+        logger.debug("group of %d image(s): %s", len(jobs), key)
+        for (r, row, _), image in zip(members, images):
+            results[r]["image"][row] = image
+            results[r]["cfg_steps"][row] = out.cfg_steps
+            results[r]["late_steps"][row] = out.late_steps
+    return [
+        {
+            "image": np.stack(res["image"]).astype(np.uint8),
+            "cfg_steps": np.asarray(res["cfg_steps"], dtype=np.int32).reshape(-1, 1),
+            "late_steps": np.asarray(res["late_steps"], dtype=np.int32).reshape(-1, 1),
+        }
+        for res in results
+    ]
+
+
+__all__ = ["GroupKey", "ImageJob", "RequestError", "group_jobs", "parse_batch", "parse_request", "run_batch"]

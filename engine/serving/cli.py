@@ -1,0 +1,83 @@
+"""``cfgswitch serve MODEL_OR_BUNDLE``: a real Triton Inference Server (PyTriton) for one model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import InvalidArgumentError
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: "argparse._SubParsersAction") -> None:
+    """Register ``serve``."""
+    p = sub.add_parser("serve", help="serve a model or bundle with Triton Inference Server (HTTP and gRPC)",
+                       description="Serve a diffusers folder (torch) or an exported bundle behind a real Triton "
+                       "Inference Server started through PyTriton. Model name: cfgswitch (see docs/serving.md).")
+    p.add_argument("model", metavar="MODEL_OR_BUNDLE", help="diffusers folder (safetensors) or bundle, or 'default'")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default=None,
+                   help="backend (default: the best installed one for the model)")
+    p.add_argument("--device", default=None, help="torch backend: device (default cpu)")
+    p.add_argument("--dtype", default=None, help="torch backend: fp32, fp16 or bf16 (default fp32)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--max-batch", type=int, default=8, help="most images per request and per dynamic batch (default 8)")
+    p.add_argument("--max-queue-delay-us", type=int, default=2000,
+                   help="dynamic batcher: longest wait for more requests, in microseconds (default 2000)")
+    p.add_argument("--max-steps", type=int, default=100, help="largest steps a request may ask (default 100)")
+    p.add_argument("--default-steps", type=int, default=30, help="steps when a request leaves them out (default 30)")
+    p.add_argument("--max-image-side", type=int, default=1024, help="largest height/width in pixels (default 1024)")
+    p.add_argument("--max-prompt-bytes", type=int, default=2048, help="longest prompt in UTF-8 bytes (default 2048)")
+    p.add_argument("--default-plan", default="switch:0.5", help="plan when a request leaves it out (default switch:0.5)")
+    p.add_argument("--exit-timeout", type=int, default=30, help="seconds shutdown waits for in-flight requests (default 30)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the small generation run before serving")
+    p.set_defaults(func=run)
+
+
+def _check_port(name: str, value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise InvalidArgumentError(name, "a TCP port in [1, 65535]", value)
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..plans import GuidancePlan
+    from .limits import ServeLimits
+    from .server import ServeConfig
+
+    # Cheap checks first: nothing is loaded until every argument is known to be good.
+    ports = [_check_port(f"--{n}-port", getattr(args, f"{n}_port")) for n in ("http", "grpc", "metrics")]
+    if len(set(ports)) != 3:
+        raise InvalidArgumentError("--http-port/--grpc-port/--metrics-port", "three different ports", ports)
+    if not args.host:
+        raise InvalidArgumentError("--host", "an address such as 127.0.0.1", args.host)
+    if args.max_queue_delay_us < 0:
+        raise InvalidArgumentError("--max-queue-delay-us", "an integer >= 0", args.max_queue_delay_us)
+    if args.exit_timeout < 0:
+        raise InvalidArgumentError("--exit-timeout", "an integer >= 0", args.exit_timeout)
+    GuidancePlan.parse(args.default_plan)
+    limits = ServeLimits(max_steps=args.max_steps, max_batch=args.max_batch, max_image_side=args.max_image_side,
+                         max_prompt_bytes=args.max_prompt_bytes, default_steps=args.default_steps,
+                         default_plan=args.default_plan)
+    config = ServeConfig(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                         metrics_port=args.metrics_port, max_queue_delay_us=args.max_queue_delay_us,
+                         exit_timeout_s=args.exit_timeout)
+    options = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+    if options and args.backend not in (None, "torch"):
+        raise InvalidArgumentError("--device/--dtype", "only with the torch backend", args.backend)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s: the server is reachable from other machines (it has no authentication)", args.host)
+
+    from ..default_model import resolve_model
+    from ..sampler import Sampler
+    from .server import serve
+
+    model = resolve_model(args.model)
+    logger.info("loading %s", Path(model))
+    sampler = Sampler.load(model, backend=args.backend, **options)
+    serve(sampler, config, limits, warmup=not args.no_warmup)
+    return 0

@@ -1,0 +1,334 @@
+"""The training recipe of the embedded default model (``cfgswitch train-shapes``).
+
+Two phases, seeded: (1) a KL autoencoder on rendered scenes; (2) a CLIP-style text encoder
+(from scratch, causal attention, CLIP's tokenizer) jointly with a cross-attention UNet,
+epsilon prediction on Stable Diffusion's scaled-linear schedule, captions dropped at
+``uncond_prob`` for classifier-free guidance, EMA weights saved. The output is a standard
+diffusers folder (safetensors, ``tokenizer/`` included).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..tiny_model import SD_SCHEDULER_CONFIG
+from ..tokenizer import load_clip_tokenizer
+from .captions import sample_captioned
+from .world import IMAGE_SIZE, render_batch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the trained weights (with the code)."""
+
+    seed: int = 0
+    train_images: int = 20000
+    # autoencoder
+    vae_channels: Tuple[int, ...] = (32, 64, 64)
+    vae_steps: int = 800
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # text encoder
+    text_hidden: int = 64
+    text_layers: int = 3
+    text_heads: int = 4
+    text_ffn: int = 256
+    # unet
+    unet_channels: Tuple[int, ...] = (32, 64, 64)
+    unet_heads: int = 4
+    unet_steps: int = 8000
+    batch: int = 48
+    lr: float = 5e-4
+    text_lr: float = 5e-4
+    warmup: int = 200
+    uncond_prob: float = 0.1
+    ema_decay: float = 0.999
+    # bookkeeping
+    save_every: int = 1000
+    eval_every: int = 1000
+    eval_prompts: int = 64
+    eval_steps: int = 20
+    eval_seed: int = 777
+    fp16: bool = True
+    threads: int = 1  # fixed for reproducibility (and faster than 2 on a shared CPU)
+
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+
+def build_models(cfg: TrainConfig):
+    """Fresh ``(vae, text_encoder, unet)`` with the recipe's architecture, seeded."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    n = len(cfg.vae_channels)
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(cfg.vae_channels),
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=1, norm_num_groups=32, sample_size=IMAGE_SIZE,
+    )
+    torch.manual_seed(cfg.seed + 1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, vocab_size=49408,
+        hidden_size=cfg.text_hidden, intermediate_size=cfg.text_ffn, num_attention_heads=cfg.text_heads,
+        num_hidden_layers=cfg.text_layers, max_position_embeddings=77, layer_norm_eps=1e-5,
+    ))
+    torch.manual_seed(cfg.seed + 2)
+    m = len(cfg.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // cfg.latent_factor(), in_channels=4, out_channels=4,
+        block_out_channels=tuple(cfg.unet_channels), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * m, up_block_types=("CrossAttnUpBlock2D",) * m,
+        cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.unet_heads, norm_num_groups=32,
+    )
+    return vae, text_encoder, unet
+
+
+def tokenize(captions: Sequence[str]) -> torch.Tensor:
+    """``[N, 77]`` CLIP ids, padded as the Stable Diffusion pipeline pads them."""
+    tok = load_clip_tokenizer()
+    return tok(list(captions), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+class _Ema:
+    def __init__(self, modules: Sequence[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange live and averaged weights (call twice to restore)."""
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+class Trainer:
+    """Runs the recipe into ``out``; ``log`` receives one dict per logged event."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, progress: bool = True):
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.out / "train_log.jsonl"
+        self.log_path.write_text("")
+        self.t0 = time.perf_counter()
+        self.history: List[Dict] = []
+
+    def log(self, **event) -> None:
+        event["elapsed_s"] = round(time.perf_counter() - self.t0, 2)
+        self.history.append(event)
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    # ----------------------------------------------------------------- phases
+    def run(self) -> Path:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        (self.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        self.vae, self.text_encoder, self.unet = build_models(cfg)
+        pairs = sample_captioned(cfg.seed, cfg.train_images)
+        self.scenes = [p[0] for p in pairs]
+        images = torch.from_numpy(render_batch(self.scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        self.ids = tokenize([p[1] for p in pairs])
+        self.empty_ids = tokenize([""])[0]
+        self.train_vae(images)
+        self.encode_latents(images)
+        del images
+        self.train_unet()
+        return self.out / "model"
+
+    def train_vae(self, images: torch.Tensor) -> None:
+        cfg, vae = self.cfg, self.vae
+        gen = torch.Generator().manual_seed(cfg.seed + 10)
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(50, cfg.vae_steps))
+        vae.train()
+        bar = tqdm(range(cfg.vae_steps), desc="autoencoder", disable=not self.progress, mininterval=5)
+        running = None
+        for step in bar:
+            idx = torch.randint(0, images.shape[0], (cfg.vae_batch,), generator=gen)
+            x = images[idx]
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            rec = vae.decode(z).sample
+            rec_loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+            kl = post.kl().mean() / z[0].numel()
+            loss = rec_loss + cfg.vae_kl_weight * kl * z[0].numel()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            if step % 50 == 0 or step == cfg.vae_steps - 1:
+                bar.set_postfix(loss=f"{running:.4f}")
+                self.log(phase="autoencoder", step=step, loss=float(loss.item()), rec=float(rec_loss.item()), kl=float(kl.item()))
+        vae.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode_latents(self, images: torch.Tensor) -> None:
+        means, stds = [], []
+        for i in tqdm(range(0, images.shape[0], 256), desc="encode", disable=not self.progress, mininterval=5):
+            post = self.vae.encode(images[i : i + 256]).latent_dist
+            means.append(post.mean)
+            stds.append(post.std)
+        self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
+        scaling = float(1.0 / self.lat_mean.std())
+        self.vae.register_to_config(scaling_factor=scaling)
+        rec = self.vae.decode(self.lat_mean[:256]).sample
+        err = float(F.mse_loss(rec, images[:256]))
+        self.log(phase="latents", scaling_factor=scaling, recon_mse=err)
+        logger.info("latents: scaling factor %.4f, reconstruction MSE %.5f", scaling, err)
+
+    def train_unet(self) -> None:
+        from diffusers import DDPMScheduler
+
+        cfg = self.cfg
+        noise_sched = DDPMScheduler.from_config({k: v for k, v in SD_SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one",)})
+        alphas = noise_sched.alphas_cumprod.float()
+        gen = torch.Generator().manual_seed(cfg.seed + 20)
+        self.unet.train()
+        self.text_encoder.train()
+        opt = torch.optim.AdamW([
+            {"params": self.unet.parameters(), "lr": cfg.lr},
+            {"params": self.text_encoder.parameters(), "lr": cfg.text_lr},
+        ], weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.unet_steps))
+        ema = _Ema([self.unet, self.text_encoder], cfg.ema_decay)
+        scale = self.vae.config.scaling_factor
+        bar = tqdm(range(cfg.unet_steps), desc="unet+text", disable=not self.progress, mininterval=5)
+        running = None
+        for step in bar:
+            idx = torch.randint(0, self.lat_mean.shape[0], (cfg.batch,), generator=gen)
+            z0 = (self.lat_mean[idx] + self.lat_std[idx] * torch.randn(self.lat_mean[idx].shape, generator=gen)) * scale
+            ids = self.ids[idx].clone()
+            drop = torch.rand(cfg.batch, generator=gen) < cfg.uncond_prob
+            ids[drop] = self.empty_ids
+            t = torch.randint(0, 1000, (cfg.batch,), generator=gen)
+            eps = torch.randn(z0.shape, generator=gen)
+            a = alphas[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+            states = self.text_encoder(ids)[0]
+            pred = self.unet(zt, t, encoder_hidden_states=states).sample
+            loss = F.mse_loss(pred, eps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+            opt.step()
+            sched.step()
+            ema.update(step)
+            running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
+            if step % 50 == 0 or step == cfg.unet_steps - 1:
+                bar.set_postfix(loss=f"{running:.4f}")
+                self.log(phase="unet", step=step, loss=float(loss.item()), loss_avg=float(running))
+            last = step == cfg.unet_steps - 1
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
+                ema.swap()
+                self.unet.eval()
+                self.text_encoder.eval()
+                if cfg.save_every and ((step + 1) % cfg.save_every == 0 or last):
+                    self.save(self.out / "model")
+                if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+                    figures = self.evaluate()
+                    self.log(phase="eval", step=step + 1, **figures)
+                    logger.info("step %d: %s", step + 1, figures)
+                ema.swap()
+                self.unet.train()
+                self.text_encoder.train()
+
+    # ----------------------------------------------------------------- outputs
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Scorer figures on held-out prompts (always-CFG 7.5, DDIM ``eval_steps``)."""
+        from .scorer import accuracy
+
+        cfg = self.cfg
+        pairs = sample_captioned(cfg.eval_seed, cfg.eval_prompts)
+        images = generate_images(self.text_encoder, self.unet, self.vae, [p[1] for p in pairs], steps=cfg.eval_steps, seed=cfg.eval_seed)
+        return accuracy(list(images), [p[0] for p in pairs])
+
+    def save(self, path: Path) -> Path:
+        """Write the diffusers folder (atomically replaced)."""
+        save_pipeline(self.vae, self.text_encoder, self.unet, path, fp16=self.cfg.fp16)
+        self.log(phase="save", path=str(path.name))
+        return path
+
+
+def save_pipeline(vae, text_encoder, unet, path: Path, fp16: bool = True) -> Path:
+    """Save the three modules with CLIP's tokenizer and a DDIM scheduler as a diffusers folder."""
+    import copy
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    mods = [copy.deepcopy(m).eval() for m in (vae, text_encoder, unet)]
+    if fp16:
+        mods = [m.half() for m in mods]
+    pipe = StableDiffusionPipeline(
+        vae=mods[0], text_encoder=mods[1], unet=mods[2], tokenizer=load_clip_tokenizer(),
+        scheduler=DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+@torch.no_grad()
+def generate_images(text_encoder, unet, vae, prompts: Sequence[str], steps: int = 20, guidance: float = 7.5, seed: int = 0) -> np.ndarray:
+    """``[N, 64, 64, 3]`` float images in [0, 1] by plain CFG DDIM (the recipe's own check)."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    sched.set_timesteps(steps)
+    cond = text_encoder(tokenize(prompts))[0]
+    uncond = text_encoder(tokenize([""] * len(prompts)))[0]
+    states = torch.cat([uncond, cond])
+    side = unet.config.sample_size
+    gen = torch.Generator().manual_seed(seed)
+    lat = torch.randn((len(prompts), 4, side, side), generator=gen)
+    for t in sched.timesteps:
+        u, c = unet(torch.cat([lat, lat]), t, encoder_hidden_states=states).sample.chunk(2)
+        lat = sched.step(u + guidance * (c - u), t, lat).prev_sample
+    img = vae.decode(lat / vae.config.scaling_factor).sample
+    return (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,210 @@
+"""A diffusers Stable Diffusion model to a bundle: tokenizer, scheduler config, four ONNX graphs, manifest.
+
+The bundle is written into a temporary directory beside ``out`` and renamed into
+place at the end, so an interrupted or failed export leaves no half-written bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from cfgswitch.bundle import MANIFEST_NAME
+from cfgswitch.errors import BundleError, InvalidArgumentError
+from cfgswitch.io_specs import GRAPH_NAMES, ModelDims, graph_spec
+
+from .manifest import build_manifest, content_hash_dir, content_hash_modules, graph_entry, write_json_atomic
+from .onnx_export import export_graph
+from .verify import compare_graph
+from .wrappers import example_inputs, graph_module
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16"}
+MIN_OPSET, MAX_OPSET = 14, 20
+
+
+@dataclass
+class ExportOptions:
+    """Checked options of :func:`export_bundle`.
+
+    Attributes:
+        height, width (`int`, optional): image size in pixels (default: the model's native size).
+        batch_sizes (`list[int]`): images per request the bundle supports.
+        dtype (`str`): ``float32`` or ``float16``.
+        opset (`int`): ONNX opset.
+        verify (`bool`): compare every graph with torch on ONNX Runtime.
+        overwrite (`bool`): replace an existing bundle at ``out``.
+        graphs (`tuple[str]`): which graphs to export (all by default; a subset is for experiments
+            and leaves the bundle unloadable).
+    """
+
+    height: Optional[int] = None
+    width: Optional[int] = None
+    batch_sizes: List[int] = field(default_factory=lambda: [1, 2, 4])
+    dtype: str = "float32"
+    opset: int = 17
+    verify: bool = False
+    overwrite: bool = False
+    graphs: Tuple[str, ...] = GRAPH_NAMES
+
+
+def check_options(height: Optional[int] = None, width: Optional[int] = None, batch_sizes: Sequence[int] = (1, 2, 4),
+                  dtype: str = "fp32", opset: int = 17, verify: bool = False, overwrite: bool = False,
+                  graphs: Sequence[str] = GRAPH_NAMES) -> ExportOptions:
+    """Check export arguments before any model is loaded (raises :class:`InvalidArgumentError`)."""
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8192):
+            raise InvalidArgumentError(name, "a positive multiple of the VAE factor (8 for Stable Diffusion)", value)
+    bs = list(batch_sizes)
+    if not bs or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 256 for b in bs):
+        raise InvalidArgumentError("batch_sizes", "a non-empty list of integers in [1, 256]", batch_sizes)
+    if not isinstance(dtype, str) or dtype.lower() not in DTYPES:
+        raise InvalidArgumentError("dtype", "fp32 or fp16", dtype)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InvalidArgumentError("opset", f"an integer in [{MIN_OPSET}, {MAX_OPSET}] (17 is tested)", opset)
+    unknown = [g for g in graphs if g not in GRAPH_NAMES]
+    if unknown or not graphs:
+        raise InvalidArgumentError("graphs", f"a non-empty subset of {', '.join(GRAPH_NAMES)}", list(graphs))
+    return ExportOptions(height, width, sorted(set(bs)), DTYPES[dtype.lower()], opset, verify, overwrite, tuple(graphs))
+
+
+def _load(model: Union[str, Path, Any], dtype: torch.dtype):
+    """``(name, content_hash, source, tokenizer, text_encoder, unet, vae, scheduler_config)``."""
+    if isinstance(model, (str, Path)):
+        from cfgswitch.model_loading import load_components
+
+        p = Path(model)
+        tokenizer, te, unet, vae, sched = load_components(p, torch.device("cpu"), dtype)
+        return p.resolve().name, content_hash_dir(p), p.resolve().name, tokenizer, te, unet, vae, sched
+    te, unet, vae = model.text_encoder, model.unet, model.vae
+    for m in (te, unet, vae):
+        m.to(device="cpu", dtype=dtype).eval().requires_grad_(False)
+    sched = {k: v for k, v in dict(model.scheduler.config).items()}
+    name = getattr(model, "name_or_path", None) or type(model).__name__
+    return (str(name), content_hash_modules({"text_encoder": te, "unet": unet, "vae": vae}), type(model).__name__,
+            model.tokenizer, te, unet, vae, sched)
+
+
+def _dims(unet, vae, text_encoder, tokenizer) -> Tuple[ModelDims, float, int]:
+    from cfgswitch.sampler import spec_from_modules
+
+    s = spec_from_modules(unet, vae, text_encoder, tokenizer, "model")
+    return ModelDims(s.latent_channels, s.vae_scale_factor, s.text_length, s.text_width), s.vae_scaling_factor, s.sample_size
+
+
+def export_bundle(model: Union[str, Path, Any], out: Union[str, Path], options: Optional[ExportOptions] = None,
+                  progress: bool = True) -> Path:
+    """Export a Stable Diffusion model to a bundle at ``out`` and return its path.
+
+    Args:
+        model (`str`, `Path` or pipeline): a diffusers folder (safetensors) or a pipeline object.
+        out (`str` or `Path`): the bundle directory to create.
+        options (`ExportOptions`, optional): see :func:`check_options` (defaults: native size,
+            batch sizes 1, 2, 4, fp32, opset 17, no verify).
+        progress (`bool`, defaults to True): a progress bar over the stages.
+
+    Raises:
+        InvalidArgumentError: a bad option, or ``out`` exists and ``overwrite`` is off.
+        ModelLoadError: the model folder is not a loadable Stable Diffusion folder.
+    """
+    from tqdm.auto import tqdm
+
+    opts = options or ExportOptions()
+    out = Path(out)
+    if out.exists() and not opts.overwrite:
+        raise InvalidArgumentError("out", "a path that does not exist yet (or pass --overwrite)", str(out))
+    tdtype = torch.float16 if opts.dtype == "float16" else torch.float32
+    stages = ["load model", "tokenizer + scheduler"] + [f"export {g}" for g in opts.graphs]
+    stages += [f"verify {g}" for g in opts.graphs] if opts.verify else []
+    stages += ["manifest"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    bar = tqdm(total=len(stages), desc="export", disable=not progress, unit="stage")
+    try:
+        bar.set_postfix_str(stages[0])
+        name, chash, source, tokenizer, te, unet, vae, sched = _load(model, tdtype)
+        dims, scaling, sample_size = _dims(unet, vae, te, tokenizer)
+        height = opts.height or sample_size * dims.vae_scale_factor
+        width = opts.width or sample_size * dims.vae_scale_factor
+        for arg, value in (("height", height), ("width", width)):
+            if value % dims.vae_scale_factor:
+                raise InvalidArgumentError(arg, f"a multiple of the model's VAE factor {dims.vae_scale_factor}", value)
+        bar.update()
+
+        bar.set_postfix_str(stages[1])
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2, default=str))
+        bar.update()
+
+        ex_rows = 2 if 2 <= opts.batch_sizes[-1] else 1
+        graphs: Dict[str, Dict[str, Any]] = {}
+        modules, inputs = {}, {}
+        for g in opts.graphs:
+            bar.set_postfix_str(f"export {g}")
+            spec = graph_spec(g, dims)
+            modules[g] = graph_module(g, te, unet, vae)
+            inputs[g] = example_inputs(spec, dims, opts.dtype, ex_rows, height, width, seed=1)
+            exported = export_graph(modules[g], spec, inputs[g], tmp / spec.file, opts.opset)
+            graphs[g] = graph_entry(spec, exported, tmp, opts.dtype)
+            bar.update()
+        if opts.verify:
+            for g in opts.graphs:
+                bar.set_postfix_str(f"verify {g}")
+                graphs[g]["verify"] = compare_graph(modules[g], graph_spec(g, dims), tmp / graphs[g]["file"], inputs[g], opts.dtype)
+                bar.update()
+
+        bar.set_postfix_str("manifest")
+        manifest = build_manifest(
+            name=name, content_hash=chash, source=source, dims=dims, vae_scaling_factor=scaling,
+            sample_size=sample_size, model_dtype=opts.dtype, opset=opts.opset, batch_sizes=opts.batch_sizes,
+            image_sizes=[(height, width)], graphs=graphs,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        ) if set(opts.graphs) == set(GRAPH_NAMES) else _partial_manifest(graphs, opts)
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        bar.update()
+        _move_into_place(tmp, out, opts.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    logger.info("bundle written to %s", out)
+    return out
+
+
+def _partial_manifest(graphs: Dict[str, Dict[str, Any]], opts: ExportOptions) -> Dict[str, Any]:
+    # A subset export (experiments, the SD-size measurement) is not a loadable bundle: say so.
+    return {"format": "cfgswitch-partial-export", "graphs": graphs, "dtype": opts.dtype, "opset": opts.opset}
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:  # appeared while exporting
+            raise BundleError(f"bundle {out}: appeared during the export; not replaced (pass --overwrite)")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def verify_failures(bundle_dir: Path) -> List[str]:
+    """Graphs of a written bundle whose ``--verify`` record is not ok."""
+    manifest = json.loads((bundle_dir / MANIFEST_NAME).read_text())
+    return [g for g, e in manifest["graphs"].items() if e.get("verify") and not e["verify"].get("ok")]
+
+
+__all__ = ["ExportOptions", "check_options", "export_bundle", "verify_failures"]

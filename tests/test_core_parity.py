@@ -1,0 +1,81 @@
+"""The switching loop against diffusers' own StableDiffusionPipeline, same components and seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cfgswitch import GuidancePlan, Sampler
+from cfgswitch.schedulers import make_scheduler
+
+TOL = 1e-5  # max abs difference on np images in [0, 1]
+PROMPTS = ["a red square at the top", "blue circle, large", "a green triangle on black"]
+NEGATIVES = ["blurry", "", "ugly, low quality"]
+STEPS = 8
+
+
+def cfg_cutoff_callback(switch_step: int, late: str):
+    """A diffusers ``callback_on_step_end`` that stops CFG from ``switch_step`` on, right for any batch.
+
+    After step ``switch_step - 1`` it keeps one half of the ``[uncond; cond]`` embeddings (chunk,
+    not a ``[-1:]`` slice, so batches keep every image) and sets the guidance scale to 0, which
+    turns diffusers' ``do_classifier_free_guidance`` off for the remaining steps.
+    """
+
+    def callback(pipe, step, timestep, kwargs):
+        if step == switch_step - 1:
+            uncond, cond = kwargs["prompt_embeds"].chunk(2)
+            pipe._guidance_scale = 0.0
+            return {"prompt_embeds": cond if late == "cond" else uncond}
+        return {}
+
+    return callback
+
+
+def run_diffusers(pipe, sampler, scheduler, prompts, negatives, seeds, switch_step=None, late="uncond"):
+    pipe.scheduler = make_scheduler(scheduler, sampler.scheduler_config)
+    kwargs = {}
+    if switch_step is not None:
+        kwargs = dict(callback_on_step_end=cfg_cutoff_callback(switch_step, late), callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return pipe(
+        prompts, negative_prompt=negatives, num_inference_steps=STEPS, guidance_scale=7.5, generator=gens,
+        output_type="np", **kwargs,
+    ).images
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny_pipe):
+    return Sampler.from_diffusers(tiny_pipe)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_always_matches_diffusers(tiny_pipe, sampler, scheduler, batch):
+    prompts, negatives, seeds = PROMPTS[:batch], NEGATIVES[:batch], [11, 22, 33][:batch]
+    ours = sampler.generate(prompts, negatives, steps=STEPS, scheduler=scheduler, plan="always", seed=seeds, output_type="np")
+    ref = run_diffusers(tiny_pipe, sampler, scheduler, prompts, negatives, seeds)
+    assert ours.images.shape == ref.shape
+    assert np.abs(ours.images - ref).max() <= TOL
+    assert ours.cfg_steps == STEPS and ours.late_steps == 0
+
+
+@pytest.mark.parametrize("late", ["cond", "uncond"])
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m", "euler_a"])
+def test_switch_matches_diffusers_cfg_cutoff(tiny_pipe, sampler, late, scheduler):
+    seeds = [5, 6, 7]
+    plan = GuidancePlan.switch_at(0.5, late=late)
+    ours = sampler.generate(PROMPTS, NEGATIVES, steps=STEPS, scheduler=scheduler, plan=plan, seed=seeds, output_type="np")
+    assert ours.switch_step == STEPS // 2 and ours.late_mode == late
+    ref = run_diffusers(tiny_pipe, sampler, scheduler, PROMPTS, NEGATIVES, seeds, switch_step=STEPS // 2, late=late)
+    assert np.abs(ours.images - ref).max() <= TOL
+
+
+def test_switch_differs_from_always(sampler):
+    """The switch must change the result (guards against a plan that is silently ignored)."""
+    a = sampler.generate(PROMPTS[:1], steps=STEPS, plan="always", seed=1, output_type="np").images
+    b = sampler.generate(PROMPTS[:1], steps=STEPS, plan="switch:0.5", seed=1, output_type="np").images
+    c = sampler.generate(PROMPTS[:1], steps=STEPS, plan="switch:0.5:cond", seed=1, output_type="np").images
+    # the random tiny model barely reacts to text, so "different" means well above the parity tolerance
+    assert np.abs(a - b).max() > 10 * TOL and np.abs(b - c).max() > 10 * TOL
