@@ -36,6 +36,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--role-repeat", type=int, default=10, dest="role_repeat", help="timed direct calls per UNet role")
     p.add_argument("--baseline", default="diffusers", choices=("diffusers", "none"))
     p.add_argument("--quality", action="store_true", help="image quality per plan and the switch-point sweep")
+    p.add_argument("--sweep", default=None, help="switch fractions of the --quality sweep (default: 0.1,0.2,...,0.9)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of image 0 (image i gets seed + i)")
@@ -49,7 +50,7 @@ def config_from_args(args: argparse.Namespace) -> "BenchConfig":  # noqa: F821
     """A checked :class:`~cfgswitch.benchmarks.config.BenchConfig` from parsed arguments (no model loads)."""
     from cfgswitch.errors import InvalidArgumentError
 
-    from .config import BenchConfig, check_config
+    from .config import BenchConfig, check_config, parse_float_list
 
     model = args.model
     if args.baseline_model is not None:
@@ -62,6 +63,8 @@ def config_from_args(args: argparse.Namespace) -> "BenchConfig":  # noqa: F821
         guidance_scale=args.guidance, seed=args.seed, height=args.height, width=args.width, role_repeat=args.role_repeat,
         threads=args.threads,
     )
+    if args.sweep is not None:
+        cfg.sweep = parse_float_list("sweep", args.sweep)
     return check_config(cfg)
 
 

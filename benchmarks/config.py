@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from cfgswitch.errors import InvalidArgumentError
+import importlib
+
+from cfgswitch.errors import BackendUnavailableError, InvalidArgumentError
 from cfgswitch.plans import GuidancePlan
 from cfgswitch.schedulers import scheduler_class_name
 
@@ -25,7 +27,8 @@ class BenchConfig:
     Attributes:
         model (`str` or `None`): a diffusers folder (torch backend, and the diffusers baseline).
         bundle (`str` or `None`): an exported bundle (onnxruntime / tensorrt backends).
-        backends (`list[str]`): backends to measure, each in :data:`BACKENDS`.
+        backends (`list[str]`): backends to measure, each in :data:`BACKENDS`; ``None`` picks (see
+            :func:`parse_backends`). Without a bundle, non-torch backends run a bundle exported from the model first.
         plans (`list[str]`): normalized plan strings; ``always`` is always first (the reference).
         steps (`int`): denoising steps per call.
         batches (`list[int]`): batch sizes (images per call).
@@ -44,7 +47,7 @@ class BenchConfig:
 
     model: Optional[str] = None
     bundle: Optional[str] = None
-    backends: List[str] = field(default_factory=lambda: ["torch"])
+    backends: Optional[List[str]] = None
     plans: List[str] = field(default_factory=lambda: list(DEFAULT_PLANS))
     steps: int = 30
     batches: List[int] = field(default_factory=lambda: [1, 4])
@@ -108,10 +111,39 @@ def parse_int_list(name: str, text: "str | Sequence[int]", low: int = 1, high: i
     return sorted(out)
 
 
-def parse_backends(text: "str | Sequence[str] | None", has_bundle: bool) -> List[str]:
-    """Comma-separated backends; ``None`` picks ``onnxruntime`` for a bundle, else ``torch``."""
+def parse_float_list(name: str, text: str) -> List[float]:
+    """``"0.3,0.7"`` to ``[0.3, 0.7]``."""
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidArgumentError(name, "comma-separated numbers", text) from None
+    if not out:
+        raise InvalidArgumentError(name, "at least one number", text)
+    return out
+
+
+def cpu_backends_available() -> List[str]:
+    """Backends that run a diffusers folder on this machine without a prepared bundle: torch, and
+    onnxruntime when ONNX Runtime and the exporter import (the folder is exported first)."""
+    import importlib.util
+
+    out = ["torch"]
+    if all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime")):
+        try:
+            importlib.import_module("cfgswitch.export.exporter")
+            out.append("onnxruntime")
+        except ImportError:  # pragma: no cover - exporter not installed
+            pass
+    return out
+
+
+def parse_backends(text: "str | Sequence[str] | None", has_bundle: bool, has_model: bool = False) -> List[str]:
+    """Comma-separated backends. ``None``: ``onnxruntime`` (plus ``torch`` with a model) for a bundle,
+    else every backend in :func:`cpu_backends_available`."""
     if text is None:
-        return ["onnxruntime"] if has_bundle else ["torch"]
+        if has_bundle:
+            return ["torch", "onnxruntime"] if has_model else ["onnxruntime"]
+        return cpu_backends_available()
     items = text.split(",") if isinstance(text, str) else list(text)
     out = []
     for item in (s.strip() for s in items):
@@ -138,7 +170,7 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
     """
     cfg.plans = parse_plans(cfg.plans)
     cfg.batches = parse_int_list("batch", cfg.batches)
-    cfg.backends = parse_backends(cfg.backends, cfg.bundle is not None)
+    cfg.backends = parse_backends(cfg.backends, cfg.bundle is not None, cfg.model is not None)
     cfg.steps = _check_int("steps", cfg.steps, 1, 1000)
     cfg.repeat = _check_int("repeat", cfg.repeat, 1, 1000)
     cfg.warmup = _check_int("warmup", cfg.warmup, 0, 100)
@@ -151,16 +183,13 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
     for f in cfg.sweep:
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < float(f) < 1.0:
             raise InvalidArgumentError("sweep", "fractions strictly between 0 and 1", cfg.sweep)
-    needs_bundle = [b for b in cfg.backends if b != "torch"]
-    if needs_bundle and cfg.bundle is None:
-        raise InvalidArgumentError(
-            "backend", f"'torch' without --bundle ({', '.join(needs_bundle)} run an exported bundle: "
-            "cfgswitch export MODEL --out BUNDLE, then --bundle BUNDLE)", ",".join(cfg.backends),
-        )
-    if cfg.model is not None and cfg.bundle is not None and "torch" in cfg.backends:
-        pass  # torch runs the diffusers folder, the others the bundle
-    elif "torch" in cfg.backends and cfg.bundle is not None and cfg.model is None:
-        raise InvalidArgumentError("backend", "no 'torch' with --bundle alone (give --model DIR for the torch backend)", "torch")
+    if "tensorrt" in cfg.backends:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorrt") is None:
+            raise BackendUnavailableError("backend tensorrt: TensorRT is not installed (pip install 'cfgswitch[gpu]' on a GPU host)")
+    if "torch" in cfg.backends and cfg.bundle is not None and cfg.model is None:
+        raise InvalidArgumentError("backend", "no 'torch' with --bundle alone (give --baseline-model DIR for the torch backend)", "torch")
     for name in ("height", "width"):
         value = getattr(cfg, name)
         if value is not None:
@@ -168,5 +197,5 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
     return cfg
 
 
-__all__ = ["BACKENDS", "BASELINES", "BenchConfig", "DEFAULT_PLANS", "SWEEP_FRACTIONS", "check_config", "parse_backends",
-           "parse_int_list", "parse_plans"]
+__all__ = ["BACKENDS", "BASELINES", "BenchConfig", "DEFAULT_PLANS", "SWEEP_FRACTIONS", "check_config", "cpu_backends_available", "parse_backends",
+           "parse_float_list", "parse_int_list", "parse_plans"]

@@ -33,7 +33,7 @@ TARGET_ELAPSED_S = 300.0
 
 def role_key(backend: str, batch: int) -> str:
     """Key of a role-cost entry."""
-    return f"{backend}|b{batch}"
+    return f"{backend}/b{batch}"
 
 
 def _median(values: List[float]) -> float:
@@ -68,7 +68,7 @@ def _cell_stats(cell: Dict[str, Any]) -> Dict[str, Any]:
         "stage_median_s": {s: _median([c[s] for c in calls]) for s in STAGES if all(s in c for c in calls)},
     }
     stats["images_per_s"] = cell["batch"] / stats["total_median_s"]
-    if all("loop" in c for c in calls):
+    if all(k in c for c in calls for k in ("loop", "unet_cfg", "unet_late")):
         engine = [c["unet_cfg"] + c["unet_late"] for c in calls]
         host = [(c["loop"] - c["unet_cfg"] - c["unet_late"]) / cell["steps"] for c in calls]
         stats["engine_median_s"] = _median(engine)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -56,7 +57,7 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return f"{self.system}|{self.backend}|{self.plan}|b{self.batch}"
+        return f"{self.system}/{self.backend}/{self.plan}/b{self.batch}"
 
     def record(self, steps: int) -> Dict[str, Any]:
         """The cell's raw entry in ``results.json``."""
@@ -67,17 +68,32 @@ class Cell:
         }
 
 
-def load_samplers(cfg: BenchConfig, model_dir: Optional[Path]) -> Dict[str, Any]:
-    """One sampler per backend: torch runs the diffusers folder, the others the bundle."""
+def load_samplers(cfg: BenchConfig, model_dir: Optional[Path], work_dir: Path, notes: List[str]) -> Dict[str, Any]:
+    """One sampler per backend: torch runs the diffusers folder, the others the bundle.
+
+    Without ``--bundle``, the others run a bundle exported from the model into ``work_dir``
+    first (batch sizes and image size of the run; the export time is not part of any timing).
+    """
     from cfgswitch.sampler import Sampler
 
     samplers = {}
+    bundle = cfg.bundle
     for backend in cfg.backends:
         if backend == "torch":
             samplers[backend] = Sampler.from_diffusers(model_dir)
-        else:
-            samplers[backend] = Sampler.load(cfg.bundle, backend=backend)
-        logger.info("loaded %s on %s", samplers[backend].source, backend)
+            continue
+        if bundle is None:
+            from cfgswitch.export.exporter import check_options, export_bundle
+
+            start = time.perf_counter()
+            bundle = str(export_bundle(model_dir, work_dir / "bundle", check_options(
+                height=cfg.height, width=cfg.width, batch_sizes=cfg.batches), progress=False))
+            notes.append(f"{backend}: ran a float32 ONNX bundle exported from the model for this run "
+                         f"(batch sizes {cfg.batches}; export took {time.perf_counter() - start:.1f} s, not timed)")
+        options = {"threads": cfg.threads} if backend == "onnxruntime" and cfg.threads is not None else {}
+        samplers[backend] = Sampler.load(bundle, backend=backend, **options)
+    for backend, sampler in samplers.items():
+        logger.info("loaded %s on %s", _display_path(Path(sampler.source)), backend)
     return samplers
 
 
@@ -104,18 +120,32 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True, argv: Optional[List[s
         progress (`bool`, defaults to True): show a progress bar over the calls.
         argv (`list[str]`, optional): the command line, recorded in the results.
     """
-    from tqdm.auto import tqdm
+    cfg = check_config(cfg)
+    threads_before = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, progress, argv)
+    finally:
+        torch.set_num_threads(threads_before)
 
+
+def _run(cfg: BenchConfig, progress: bool, argv: Optional[List[str]]) -> "tuple[Dict[str, Any], Dict[str, np.ndarray]]":
     from cfgswitch.default_model import resolve_model
 
     started = time.perf_counter()
-    cfg = check_config(cfg)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     notes: List[str] = []
     # 1. Models.
     model_dir = resolve_model(cfg.model) if (cfg.model is not None or cfg.bundle is None) else None
-    samplers = load_samplers(cfg, model_dir)
+    with tempfile.TemporaryDirectory(prefix="cfgswitch-bench-") as work:
+        samplers = load_samplers(cfg, model_dir, Path(work), notes)
+        return _measure(cfg, progress, argv, started, model_dir, samplers, notes)
+
+
+def _measure(cfg: BenchConfig, progress: bool, argv: Optional[List[str]], started: float, model_dir: Optional[Path],
+             samplers: Dict[str, Any], notes: List[str]) -> "tuple[Dict[str, Any], Dict[str, np.ndarray]]":
+    from tqdm.auto import tqdm
+
     first = samplers[cfg.backends[0]]
     height = cfg.height or first.spec.default_size
     width = cfg.width or first.spec.default_size
@@ -172,13 +202,13 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True, argv: Optional[List[s
         "schema_version": SCHEMA_VERSION,
         "kind": "cfgswitch-bench",
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "argv": list(argv) if argv is not None else None,
+        "argv": _scrub(list(argv)) if argv is not None else None,
         "machine": machine_info(),
         "config": cfg.to_dict(),
         "model": {
             "source": _display_path(Path(cfg.bundle) if model_dir is None else model_dir), "embedded": embedded,
             "spec": {k: getattr(first.spec, k) for k in ("latent_channels", "vae_scale_factor", "sample_size", "text_length", "text_width")},
-            "height": height, "width": width, "backend_info": {b: dict(s.runners.info) for b, s in samplers.items()},
+            "height": height, "width": width, "backend_info": _scrub({b: dict(s.runners.info) for b, s in samplers.items()}),
         },
         "prompts": {"source": prompt_source, "prompts": prompts, "seeds": seeds},
         "role_costs": [{"backend": b, "batch": n, "cfg_s": c, "late_s": late} for (b, n), (c, late) in roles.items()],
@@ -200,6 +230,17 @@ def _display_path(path: Path) -> str:
         return "embedded:" + EMBEDDED_MODEL_DIR.name
     p = Path(path)
     return str(p) if not p.is_absolute() else f".../{p.name}"
+
+
+def _scrub(obj: Any) -> Any:
+    """``obj`` with absolute paths shortened to ``.../name`` (results are meant to be shared)."""
+    if isinstance(obj, dict):
+        return {k: _scrub(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_scrub(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith("/") and len(obj) > 1:
+        return f".../{Path(obj).name}"
+    return obj
 
 
 def _make_baseline(cfg: BenchConfig, samplers: Dict[str, Any], model_dir: Optional[Path], notes: List[str]):

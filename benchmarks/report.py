@@ -80,7 +80,8 @@ def cells_table(results: Dict[str, Any], sweep: bool = False) -> str:
 def _targets_table(results: Dict[str, Any]) -> str:
     t = results["derived"]["targets"]
     rows = [
-        ["switch:0.5 realized/ideal >= 97% (every backend, batch)", _pct(t["switch_realized_fraction"]["min"]) and f"min {_pct(t['switch_realized_fraction']['min'])}",
+        ["switch:0.5 realized/ideal >= 97% (every backend, batch)",
+         None if t["switch_realized_fraction"]["min"] is None else f"min {_pct(t['switch_realized_fraction']['min'])}",
          "yes" if t["switch_realized_fraction"]["met"] else "no"],
         ["fastest backend switch:0.5 >= 2x diffusers always", ", ".join(f"{k}: {_x(v)}" for k, v in t["switch_vs_diffusers_always"]["best_per_batch"].items()) or "n/a",
          "yes" if t["switch_vs_diffusers_always"]["met"] else "no"],
@@ -112,7 +113,7 @@ def _quality_tables(results: Dict[str, Any]) -> List[str]:
 
 
 def _role_table(results: Dict[str, Any]) -> str:
-    rows = [[k.split("|")[0], k.split("|")[1][1:], _ms(v["cfg_median_s"]), _ms(v["late_median_s"]), f"{v['late_over_cfg']:.3f}"]
+    rows = [[k.split("/")[0], k.split("/")[1][1:], _ms(v["cfg_median_s"]), _ms(v["late_median_s"]), f"{v['late_over_cfg']:.3f}"]
             for k, v in results["derived"]["role_costs"].items()]
     return md_table(["backend", "batch", "cfg call ms (2B rows)", "late call ms (B rows)", "late/cfg"], rows)
 
@@ -125,7 +126,7 @@ def report_markdown(results: Dict[str, Any], plots: Sequence[str] = ()) -> str:
     lines = [
         f"# cfgswitch benchmark: {results['model']['source']}",
         "",
-        f"- machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['torch_threads']} torch threads), "
+        f"- machine: {m['cpu_model']}, {m['cpu_cores']} cores (torch threads: {m['torch_threads']}), "
         f"{m.get('memory_gib')} GiB; GPU: {gpu['name'] if gpu else 'none'}",
         f"- libraries: {libs}",
         f"- run: {results['created_utc']}, {results['elapsed_s']:.1f} s; command: `{' '.join(results['argv'] or ['(library call)'])}`",

@@ -202,10 +202,11 @@ def verify_graphs(bundle: Bundle, names: Iterable[str] = GRAPH_NAMES) -> None:
         if ext:
             files.append((ext["file"], ext["sha256"], ext.get("bytes")))
         for rel, digest, size in files:
-            _verify_file(bundle.path, rel, digest, size, name)
+            verify_file(bundle.path, rel, digest, size, name)
 
 
-def _verify_file(root: Path, rel: str, digest: str, size: Optional[int], graph: str) -> None:
+def verify_file(root: Path, rel: str, digest: str, size: Optional[int], graph: str) -> None:
+    """Check one file of the bundle (``rel`` under ``root``) against its recorded size and sha256."""
     f = root / rel
     if not f.is_file():
         raise BundleError(f"bundle {root}: graph {graph!r} file {rel} is missing (re-export the bundle)")
@@ -264,5 +265,5 @@ def tensor_table(entries: Iterable[Mapping[str, Any]]) -> Dict[str, Mapping[str,
 
 __all__ = [
     "BUNDLE_FORMAT", "Bundle", "MANIFEST_NAME", "SCHEMA_VERSION", "check_bundle_request", "check_manifest",
-    "read_manifest", "sha256_file", "tensor_table", "verify_graphs",
+    "read_manifest", "sha256_file", "tensor_table", "verify_file", "verify_graphs",
 ]

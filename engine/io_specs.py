@@ -10,7 +10,6 @@ Symbolic dimensions:
 ======  ===============================================================
 ``B``   images in the request (the ``late`` role's rows)
 ``2B``  UNet rows of the guided graph (``[uncond; cond]``)
-``N``   rows of the plain UNet in the ``shared`` layout's ``cfg`` role
 ``T``   prompts encoded in one text-encoder call
 ``h``   latent height, ``w`` latent width
 ``H``   image height (``h * factor``), ``W`` image width
@@ -179,7 +178,7 @@ def resolve_shape(shape: Sequence[Dim], env: Mapping[str, int]) -> Tuple[int, ..
 
 def shape_env(rows: int, height: int, width: int, factor: int) -> Dict[str, int]:
     """The symbol values of a request: ``rows`` for every row symbol, latent and image sizes."""
-    return {"B": rows, "T": rows, "N": rows, "h": height // factor, "w": width // factor, "H": height, "W": width}
+    return {"B": rows, "T": rows, "h": height // factor, "w": width // factor, "H": height, "W": width}
 
 
 # ---------------------------------------------------------------------- roles and profiles
@@ -268,7 +267,9 @@ def profiles_for(component: str, dims: ModelDims, batch_sizes: Sequence[int], im
 
     Static: one profile per (batch size, image size), ``min == opt == max`` (the fastest
     tactics). Dynamic: one profile from the smallest to the largest batch and size, with
-    ``opt`` at the largest batch and the first image size.
+    ``opt`` at the largest batch and the first image size. The text encoder always gets one
+    profile of 1 to the largest batch rows: it encodes the distinct prompts of a request,
+    which can be fewer than its images.
 
     Args:
         component (`str`): one of :data:`COMPONENTS`.
@@ -284,7 +285,7 @@ def profiles_for(component: str, dims: ModelDims, batch_sizes: Sequence[int], im
     sizes = [tuple(int(x) for x in s) for s in image_sizes]
     if not bs or not sizes:
         raise ValueError("batch_sizes and image_sizes must not be empty")
-    if static:
+    if static and component != "text_encoder":
         return [_profile(component, spec, binding.row_factor, dims.vae_scale_factor, (b, b, b), (s, s, s))
                 for s in sizes for b in bs]
     lo = (min(s[0] for s in sizes), min(s[1] for s in sizes))

@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
-from cfgswitch.kernels import HAS_COMPILED, cfg_combine
+from cfgswitch.kernels import (
+    HAS_COMPILED,
+    GuideStepResult,
+    cfg_combine,
+    compiled_available,
+    guide_and_step,
+    guide_and_step_reference,
+)
 
-__all__ = ["HAS_COMPILED", "cfg_combine"]
+__all__ = [
+    "HAS_COMPILED",
+    "GuideStepResult",
+    "cfg_combine",
+    "compiled_available",
+    "guide_and_step",
+    "guide_and_step_reference",
+]

@@ -1,22 +1,23 @@
 """The denoising loop: one UNet call per step, CFG or late as the plan says.
 
 It switches runners at the switch step with no reallocation; it never branches
-on the backend. Scheduler updates are diffusers' own ``scheduler.step``.
+on the backend. The update after each UNet call is a stepper's (:mod:`cfgswitch.steppers`):
+the fused ``guide_and_step`` kernel when it serves the scheduler, device and dtype, else
+diffusers' own ``scheduler.step`` after the torch combine (the reference).
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .kernels_bridge import cfg_combine
 from .plans import GuidancePlan
 from .runners.base import Runners
 from .schedulers import make_scheduler, set_timesteps
+from .steppers import cosine_per_image, make_stepper
 from .timing import StageTimer
 
 
@@ -33,6 +34,7 @@ class LoopRequest:
         seeds (`list[int]`): one seed per image.
         latent_shape (`tuple`): ``(C, h, w)`` of one image's latents.
         progress (`bool`): show a progress bar.
+        step_kernel (`str`): ``auto`` (fused when available), ``fused`` or ``reference``.
     """
 
     cond: torch.Tensor
@@ -44,6 +46,7 @@ class LoopRequest:
     seeds: Sequence[int]
     latent_shape: Tuple[int, int, int]
     progress: bool = False
+    step_kernel: str = "auto"
 
 
 @dataclass
@@ -70,23 +73,6 @@ def initial_latents(generators: List[torch.Generator], shape: Tuple[int, int, in
     return torch.cat(rows).to(device)
 
 
-def cosine_per_image(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of each image's two predictions, in float32 (shape ``[B]``)."""
-    u = uncond.reshape(uncond.shape[0], -1).float()
-    c = cond.reshape(cond.shape[0], -1).float()
-    return torch.nn.functional.cosine_similarity(u, c, dim=1)
-
-
-def _step_kwargs(scheduler, generators: List[torch.Generator]) -> Dict[str, object]:
-    params = set(inspect.signature(scheduler.step).parameters)
-    kwargs: Dict[str, object] = {}
-    if "generator" in params:
-        kwargs["generator"] = generators
-    if "eta" in params:
-        kwargs["eta"] = 0.0
-    return kwargs
-
-
 def denoise(runners: Runners, scheduler_config: Dict, req: LoopRequest, timer: StageTimer) -> LoopResult:
     """Run the switching loop from per-image noise to final latents."""
     from tqdm.auto import tqdm
@@ -97,11 +83,11 @@ def denoise(runners: Runners, scheduler_config: Dict, req: LoopRequest, timer: S
     set_timesteps(scheduler, req.steps, device)
     generators = make_generators(req.seeds)
     latents = initial_latents(generators, req.latent_shape, device, dtype) * scheduler.init_noise_sigma
-    step_kwargs = _step_kwargs(scheduler, generators)
 
     both = torch.cat([req.uncond, req.cond])
     late_embeds = req.uncond if req.plan.late == "uncond" else req.cond
     weights = torch.full((batch,), req.guidance_scale, dtype=torch.float32, device=device)
+    stepper = make_stepper(scheduler, weights, generators, device, dtype, req.step_kernel)
     static = req.plan.schedule(scheduler.timesteps)
     switched = False
     cfg_steps = late_steps = 0
@@ -116,34 +102,36 @@ def denoise(runners: Runners, scheduler_config: Dict, req: LoopRequest, timer: S
             x_in = scheduler.scale_model_input(latents, t)
             t_rows = t.to(device=device, dtype=torch.float32).expand(batch)
         if guided and req.plan.is_adaptive:
+            # 2B plain rows: the stepper combines, steps and measures the cosine in one pass.
             with timer("unet_cfg"):
                 pair = runners.unet.predict(torch.cat([x_in, x_in]), torch.cat([t_rows, t_rows]), both)
             with timer("scheduler"):
-                u, c = pair.chunk(2)
-                eps = cfg_combine(u, c, weights)
-                cos = cosine_per_image(u, c)
+                latents, cos = stepper.guide_and_step(pair, t, latents, want_cosine=True)
                 cosines.append(cos.tolist())
                 if req.plan.should_switch(float(cos.min())):
                     switched = True
-        elif guided:
-            with timer("unet_cfg"):
-                eps = runners.unet_cfg.predict_guided(x_in, t_rows, both, weights)
-            cosines.append(None)
         else:
-            with timer("unet_late"):
-                eps = runners.unet.predict(x_in, t_rows, late_embeds)
+            if guided:
+                with timer("unet_cfg"):
+                    eps = runners.unet_cfg.predict_guided(x_in, t_rows, both, weights)
+            else:
+                with timer("unet_late"):
+                    eps = runners.unet.predict(x_in, t_rows, late_embeds)
             cosines.append(None)
+            with timer("scheduler"):
+                latents = stepper.step(eps, t, latents)
         if guided:
             cfg_steps += 1
         else:
             late_steps += 1
             if switch_step is None:
                 switch_step = i
-        with timer("scheduler"):
-            latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
     timer.add("loop", time.perf_counter() - loop_start)
     return LoopResult(
         latents=latents, cfg_steps=cfg_steps, late_steps=late_steps,
         unet_rows=2 * batch * cfg_steps + batch * late_steps, switch_step=switch_step,
-        step_kernel="reference", cosines=cosines,
+        step_kernel=stepper.kernel, cosines=cosines,
     )
+
+
+__all__ = ["LoopRequest", "LoopResult", "cosine_per_image", "denoise", "initial_latents", "make_generators"]

@@ -79,16 +79,23 @@ def check_options(height: Optional[int] = None, width: Optional[int] = None, bat
 
 
 def _load(model: Union[str, Path, Any], dtype: torch.dtype):
-    """``(name, content_hash, source, tokenizer, text_encoder, unet, vae, scheduler_config)``."""
+    """``(name, content_hash, source, tokenizer, text_encoder, unet, vae, scheduler_config)``.
+
+    The UNet and the VAE are cast to ``dtype``; the text encoder stays in float32 (see
+    :class:`~cfgswitch.export.wrappers.TextEncoderGraph`).
+    """
     if isinstance(model, (str, Path)):
         from cfgswitch.model_loading import load_components
 
         p = Path(model)
-        tokenizer, te, unet, vae, sched = load_components(p, torch.device("cpu"), dtype)
+        tokenizer, te, unet, vae, sched = load_components(p, torch.device("cpu"), torch.float32)
+        if dtype != torch.float32:
+            unet.to(dtype)
+            vae.to(dtype)
         return p.resolve().name, content_hash_dir(p), p.resolve().name, tokenizer, te, unet, vae, sched
     te, unet, vae = model.text_encoder, model.unet, model.vae
-    for m in (te, unet, vae):
-        m.to(device="cpu", dtype=dtype).eval().requires_grad_(False)
+    for m, dt in ((te, torch.float32), (unet, dtype), (vae, dtype)):
+        m.to(device="cpu", dtype=dt).eval().requires_grad_(False)
     sched = {k: v for k, v in dict(model.scheduler.config).items()}
     name = getattr(model, "name_or_path", None) or type(model).__name__
     return (str(name), content_hash_modules({"text_encoder": te, "unet": unet, "vae": vae}), type(model).__name__,
@@ -107,7 +114,9 @@ def export_bundle(model: Union[str, Path, Any], out: Union[str, Path], options: 
     """Export a Stable Diffusion model to a bundle at ``out`` and return its path.
 
     Args:
-        model (`str`, `Path` or pipeline): a diffusers folder (safetensors) or a pipeline object.
+        model (`str`, `Path` or pipeline): a diffusers folder (safetensors) or a pipeline object
+            (whose modules are moved to the CPU and cast in place: UNet and VAE to the export
+            dtype, the text encoder to float32).
         out (`str` or `Path`): the bundle directory to create.
         options (`ExportOptions`, optional): see :func:`check_options` (defaults: native size,
             batch sizes 1, 2, 4, fp32, opset 17, no verify).

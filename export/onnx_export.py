@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -37,12 +38,37 @@ class ExportedGraph:
 
 
 def _initializer_bytes(model) -> int:
-    from onnx import numpy_helper  # noqa: F401  (import keeps onnx's helpers loaded)
+    return sum(len(t.raw_data) for t in model.graph.initializer if t.raw_data)
 
-    total = 0
-    for t in model.graph.initializer:
-        total += len(t.raw_data) if t.raw_data else 0
-    return total
+
+def _default_permissions(path: Path) -> None:
+    """onnx writes external data as 0600; give it the mode any new file gets (umask), like the .onnx."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _stamp_interface(model, spec: GraphSpec) -> None:
+    """Write the io_specs shapes (ints and symbols) onto the graph's inputs and outputs.
+
+    The exporter names some derived axes itself (CLIP's sequence axis comes out symbolic);
+    the declared interface is the one runtimes and TensorRT profiles rely on.
+    """
+    declared = {t.name: t for t in spec.inputs + spec.outputs}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        t = declared.get(vi.name)
+        if t is None:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != len(t.shape):
+            raise RuntimeError(f"{spec.name}.{vi.name}: exported with rank {len(dims)}, io_specs declares {len(t.shape)}")
+        for d, want in zip(dims, t.shape):
+            if isinstance(want, int):
+                d.ClearField("dim_param")
+                d.dim_value = want
+            else:
+                d.ClearField("dim_value")
+                d.dim_param = want
 
 
 def export_graph(module: torch.nn.Module, spec: GraphSpec, inputs: Tuple[torch.Tensor, ...], path: Path,
@@ -74,12 +100,14 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, inputs: Tuple[torch.T
                 dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True, dynamo=False,
             )
         model = onnx.load(str(raw), load_external_data=True)
+        _stamp_interface(model, spec)
         weight_bytes = _initializer_bytes(model)
         external: Optional[Path] = None
         if weight_bytes > EXTERNAL_DATA_THRESHOLD:
             external = path.with_name(path.name + ".data")
             onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=external.name, size_threshold=1024)
+            _default_permissions(external)
         else:
             onnx.save_model(model, str(path))
         del model

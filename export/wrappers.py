@@ -22,14 +22,24 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 class TextEncoderGraph(torch.nn.Module):
-    """``input_ids [T, L]`` to ``last_hidden_state [T, L, C]``, as diffusers calls CLIP (no attention mask)."""
+    """``input_ids [T, L]`` to ``last_hidden_state [T, L, C]``, as diffusers calls CLIP (no attention mask).
 
-    def __init__(self, text_encoder: torch.nn.Module) -> None:
+    Args:
+        text_encoder: a transformers ``CLIPTextModel``.
+        out_dtype (`torch.dtype`, optional): cast the output to it. fp16 bundles keep the text
+            encoder in fp32 and cast its output: the TorchScript exporter emits a mistyped
+            ``Cast`` into CLIP's first residual in half precision (ONNX Runtime and TensorRT
+            refuse the graph), and one text-encoder call per request costs nothing measurable.
+    """
+
+    def __init__(self, text_encoder: torch.nn.Module, out_dtype: "torch.dtype | None" = None) -> None:
         super().__init__()
         self.text_encoder = text_encoder
+        self.out_dtype = out_dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids, attention_mask=None)[0]
+        out = self.text_encoder(input_ids, attention_mask=None)[0]
+        return out if self.out_dtype is None else out.to(self.out_dtype)
 
 
 class UNetGraph(torch.nn.Module):
@@ -78,9 +88,9 @@ class VaeDecoderGraph(torch.nn.Module):
 
 
 def graph_module(name: str, text_encoder, unet, vae) -> torch.nn.Module:
-    """The wrapper module of graph ``name``."""
+    """The wrapper module of graph ``name``; the text encoder's output takes the UNet's dtype."""
     if name == "text_encoder":
-        return TextEncoderGraph(text_encoder)
+        return TextEncoderGraph(text_encoder, None if unet.dtype == text_encoder.dtype else unet.dtype)
     if name == "unet":
         return UNetGraph(unet)
     if name == "unet_cfg":

@@ -1,7 +1,11 @@
 """Fused elementwise ops of the sampling loop, with plain-torch references.
 
 Importing this package never fails because the compiled library is missing:
-:data:`HAS_COMPILED` says whether ``cfgswitch._kernels`` could be loaded.
+:data:`HAS_COMPILED` says whether ``cfgswitch._kernels`` (the C++ CPU kernels) could be
+loaded, :data:`HAS_CUDA_KERNELS` whether ``libcfgswitch_cuda.so`` (the CUDA kernels) was
+built. Nothing here touches a GPU at import time.
+
+Ops: :func:`cfg_combine` and :func:`guide_and_step` (see :mod:`cfgswitch.kernels.guide_step`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .reference import cfg_combine_reference
+from .reference import cfg_combine_reference, guide_and_step_reference
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +28,26 @@ except ImportError:  # pragma: no cover - depends on the build
 
 #: True when the compiled C++ (and maybe CUDA) library is importable.
 HAS_COMPILED: bool = _compiled is not None
-#: True when the compiled library was built with CUDA kernels.
-HAS_CUDA_KERNELS: bool = bool(getattr(_compiled, "has_cuda", False))
 
 
 def compiled_module() -> Optional[ModuleType]:
     """Return the compiled ``cfgswitch._kernels`` module, or ``None`` when it is absent."""
     return _compiled
+
+
+from .guide_step import (  # noqa: E402  (needs compiled_module above)
+    GuideStepResult,
+    StepForm,
+    compiled_available,
+    guide_and_step,
+    has_cuda_kernels,
+    pack_params,
+    pack_rows,
+    rows_for_modes,
+)
+
+#: True when the CUDA kernels' library was built (it is loaded on first use, not here).
+HAS_CUDA_KERNELS: bool = has_cuda_kernels()
 
 
 def _is_plain_cpu_f32(*tensors: torch.Tensor) -> bool:
@@ -63,4 +80,19 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, weights: torch.Tensor)
     return out
 
 
-__all__ = ["HAS_COMPILED", "HAS_CUDA_KERNELS", "cfg_combine", "cfg_combine_reference", "compiled_module"]
+__all__ = [
+    "GuideStepResult",
+    "HAS_COMPILED",
+    "HAS_CUDA_KERNELS",
+    "StepForm",
+    "cfg_combine",
+    "cfg_combine_reference",
+    "compiled_available",
+    "compiled_module",
+    "guide_and_step",
+    "guide_and_step_reference",
+    "has_cuda_kernels",
+    "pack_params",
+    "pack_rows",
+    "rows_for_modes",
+]

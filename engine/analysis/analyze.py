@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InvalidArgumentError
-from ..plans import LATE_MODES, GuidancePlan
+from ..plans import LATE_MODES
 from ..schedulers import scheduler_class_name
 from .eos import DEFAULT_NO_EFFECT_TOLERANCE, K_MODES, default_k_grid, eos_experiments
 from .frequency import DEFAULT_CUTOFF, _check_cutoff
@@ -42,6 +42,7 @@ class AnalysisConfig:
         k_modes (`tuple[str]`): step-k variants (``eos``, ``prompt``).
         cutoff (`float`, 0.25): low-pass radius as a fraction of Nyquist.
         settle_tolerance (`float`, 0.1), no_effect_tolerance (`float`, 0.1): see the experiments.
+        pixel_probes (`bool`, True): the probes also split each step's decoded x0 image.
         tolerance (`Tolerance`): the recommendation's fidelity bound.
         batch_size (`int`, 16): images per UNet batch.
         experiments (`tuple[str]`): which of :data:`EXPERIMENTS` to run (the recommendation needs ``sweep``).
@@ -60,6 +61,7 @@ class AnalysisConfig:
     k_modes: Tuple[str, ...] = K_MODES
     cutoff: float = DEFAULT_CUTOFF
     settle_tolerance: float = DEFAULT_SETTLE_TOLERANCE
+    pixel_probes: bool = True
     no_effect_tolerance: float = DEFAULT_NO_EFFECT_TOLERANCE
     tolerance: Tolerance = field(default_factory=Tolerance)
     batch_size: int = 16
@@ -82,11 +84,10 @@ class AnalysisConfig:
         if not self.fractions:
             raise InvalidArgumentError("fractions", "at least one switch fraction", list(self.fractions))
         for f in self.fractions:
-            GuidancePlan.switch_at(f)
-        for m in self.late_modes:
-            GuidancePlan.switch_at(0.5, m)
-        if not self.late_modes:
-            raise InvalidArgumentError("late_modes", "at least one of uncond, cond", list(self.late_modes))
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
+                raise InvalidArgumentError("fractions", "switch fractions in [0, 1]", f)
+        if any(m not in LATE_MODES for m in self.late_modes) or not self.late_modes:
+            raise InvalidArgumentError("late_modes", "a non-empty subset of uncond, cond", list(self.late_modes))
         for m in self.k_modes:
             if m not in K_MODES:
                 raise InvalidArgumentError("k_modes", f"a subset of {', '.join(K_MODES)}", list(self.k_modes))
@@ -150,9 +151,10 @@ def run_analysis(
     """
     from tqdm.auto import tqdm
 
-    from .plots import plot_eos, plot_frequency, plot_guidance, plot_sweep, save_examples
+    from .plots import plot_eos, plot_frequency, plot_guidance, plot_sweep, require_matplotlib, save_examples
 
     config.validate()
+    require_matplotlib()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -175,7 +177,7 @@ def run_analysis(
             probe_prompts = _take(prompt_set.prompts, config.probe_prompts)
             result["probes"] = trajectory_probes(sampler, probe_prompts, cutoff=config.cutoff,
                                                  settle_tolerance=config.settle_tolerance,
-                                                 batch_size=config.batch_size, progress=bar, **common)
+                                                 pixels=config.pixel_probes, batch_size=config.batch_size, progress=bar, **common)
             plots["frequency energy over steps"] = plot_frequency(result["probes"], out / "frequency.png").name
             plots["guidance norm and cosine over steps"] = plot_guidance(result["probes"], out / "guidance.png").name
         if "sweep" in config.experiments:

@@ -43,6 +43,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--scorer", choices=("auto", "shapes", "none"), default="auto",
                    help="attribute scorer: auto uses the shapes scorer on the embedded model")
     p.add_argument("--batch-size", type=int, default=16, help="images per UNet batch")
+    p.add_argument("--no-pixel-probes", action="store_true",
+                   help="probes split the latent x0 only (no VAE decode per step; for large models)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -82,7 +86,7 @@ def config_from_args(args: argparse.Namespace):
         steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler, seed=args.seed,
         probe_prompts=args.probe_prompts, sweep_prompts=args.sweep_prompts, eos_pairs=args.pairs,
         late_modes=_words(args.late_modes), k_modes=_words(args.k_modes), k_grid=_ints("k-grid", args.k_grid),
-        batch_size=args.batch_size, experiments=_words(args.experiments),
+        batch_size=args.batch_size, experiments=_words(args.experiments), pixel_probes=not args.no_pixel_probes,
     )
     fractions = _floats("fractions", args.fractions)
     if fractions is not None:
@@ -103,8 +107,13 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InvalidArgumentError
     from .scoring import generic_prompt_set, is_shapes_model, load_scorer, read_prompts_file, shapes_prompt_set
 
+    from .plots import require_matplotlib
+
     # 1. Cheap checks first.
     cfg = config_from_args(args)
+    require_matplotlib()
+    if args.threads is not None and (isinstance(args.threads, bool) or args.threads < 1):
+        raise InvalidArgumentError("threads", "an integer >= 1", args.threads)
     file_prompts: Optional[List[str]] = read_prompts_file(args.prompts) if args.prompts else None
     if args.bundle is not None and not (Path(args.bundle) / "manifest.json").is_file():
         raise InvalidArgumentError("bundle", "a bundle folder with manifest.json", args.bundle)
@@ -127,7 +136,14 @@ def run(args: argparse.Namespace) -> int:
     from ..sampler import Sampler
     from .analyze import run_analysis
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     sampler = Sampler.load(path, backend=args.backend)
+    if scorer is not None and sampler.spec.default_size != 64:
+        raise InvalidArgumentError("scorer", "a model that makes 64x64 images (the shapes world) for --scorer shapes",
+                                   f"{sampler.spec.default_size}x{sampler.spec.default_size} images")
     name = path.name if args.model not in (None, "default") or args.bundle else f"default ({path.name})"
     result = run_analysis(sampler, prompt_set, args.out, cfg, scorer=scorer, scorer_note=scorer_note, model_name=name,
                           progress=not args.no_progress, notes=notes)

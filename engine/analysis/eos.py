@@ -171,8 +171,10 @@ def eos_experiments(
         tb = toward_b(imgs, img_a, img_b, cutoff)
         out: Dict[str, Any] = {"toward_b": float(tb.mean()), "toward_b_per_pair": [float(x) for x in tb]}
         if use_scorer:
-            out["matches_b"] = scorer.match_share(imgs, [t[1] for t in targets])
-            out["matches_a"] = scorer.match_share(imgs, [t[0] for t in targets])
+            to_b = scorer.match_shares(imgs, [t[1] for t in targets])
+            to_a = scorer.match_shares(imgs, [t[0] for t in targets])
+            out.update(matches_b=to_b["mean"], matches_a=to_a["mean"], matches_b_by_attribute=to_b,
+                       matches_a_by_attribute=to_a)
         return out
 
     variants = {v: measure(v) for v in ("a", "b", "eos_from_b", "semantic_from_b")}

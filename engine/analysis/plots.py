@@ -8,7 +8,18 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 
+def require_matplotlib() -> None:
+    """Raise :class:`~cfgswitch.errors.BackendUnavailableError` when matplotlib is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        from ..errors import BackendUnavailableError
+
+        raise BackendUnavailableError("the analysis plots need matplotlib: pip install 'cfgswitch[bench]' (or matplotlib)")
+
+
 def _pyplot():
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -32,13 +43,17 @@ def plot_frequency(probes: Dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].semilogy(steps, ps["energy_low"], label="low")
     axes[0].semilogy(steps, ps["energy_high"], label="high")
-    axes[0].set_title("energy of predicted x0 (mean square)")
+    axes[0].set_title("energy of predicted x0 latent (mean square)")
     for key, label in (("change_low", "low"), ("change_high", "high")):
         vals = [np.nan if v is None else v for v in ps[key]]
         axes[1].semilogy(steps, vals, label=label)
     axes[1].set_title("relative change from previous step")
     axes[2].plot(steps, ps["distance_to_final_low"], label="low")
     axes[2].plot(steps, ps["distance_to_final_high"], label="high")
+    if "pixel" in probes:
+        px = probes["pixel"]["per_step"]
+        axes[2].plot(steps, px["distance_to_final_low"], color="C0", ls="-.", alpha=0.6, label="low (pixels)")
+        axes[2].plot(steps, px["distance_to_final_high"], color="C1", ls="-.", alpha=0.6, label="high (pixels)")
     axes[2].axhline(probes["settle_tolerance"], color="gray", ls=":", label="settle tolerance")
     for part, color in (("low", "C0"), ("high", "C1")):
         axes[2].axvline(probes["settle_step"][part], color=color, ls="--", alpha=0.6)
@@ -82,7 +97,9 @@ def plot_sweep(sweep: Dict[str, Any], recommendation: Optional[Dict[str, Any]], 
         axes[0].plot(f, [e["lowfreq"] for e in es], style, ms=3, label=f"low-freq distance ({late})")
         axes[0].plot(f, [e["l1"] for e in es], style, ms=3, alpha=0.5, label=f"L1 ({late})")
         axes[1].plot(f, [100 * e["rows_saved"] for e in es], style, ms=3, label=f"UNet rows saved ({late})")
-        axes[1].plot(f, [100 * e["time_saved"] for e in es], style, ms=3, alpha=0.6, label=f"loop time saved ({late})")
+        axes[1].plot(f, [100 * e.get("unet_time_saved", np.nan) for e in es], style, ms=3, alpha=0.7,
+                     label=f"UNet time saved, calibrated ({late})")
+        axes[1].plot(f, [100 * e["time_saved"] for e in es], ":", alpha=0.5, label=f"loop time saved, measured ({late})")
         if n_panels == 3:
             axes[2].plot(f, [e["accuracy"]["mean"] for e in es], style, ms=3, label=f"mean accuracy ({late})")
     if n_panels == 3:
@@ -123,9 +140,11 @@ def plot_eos(eos: Dict[str, Any], path: Path) -> Path:
     for mode, label in (("eos", "B's [EOS] from step k"), ("prompt", "all of B from step k")):
         curve: List[Dict[str, Any]] = eos["step_k"].get(mode, [])
         if curve:
-            axes[1].plot([c["k"] for c in curve], [c["toward_b"] for c in curve], "-o", ms=3, label=label + " (distance)")
+            (line,) = axes[1].plot([c["k"] for c in curve], [c["toward_b"] for c in curve], "-o", ms=3,
+                                   label=label + " (distance)")
             if eos.get("scored"):
-                axes[1].plot([c["k"] for c in curve], [c["matches_b"] for c in curve], "--", label=label + " (scorer)")
+                axes[1].plot([c["k"] for c in curve], [c["matches_b"] for c in curve], "--", color=line.get_color(),
+                             label=label + " (attributes matching B)")
     axes[1].axhline(eos["no_effect_tolerance"], color="gray", ls=":", label="no-effect tolerance")
     axes[1].set_xlabel("step k where the swap starts")
     axes[1].set_title("late swaps: toward B")
@@ -135,7 +154,10 @@ def plot_eos(eos: Dict[str, Any], path: Path) -> Path:
 
 
 def save_examples(rows: Dict[str, np.ndarray], path: Path, max_images: int = 6) -> Optional[Path]:
-    """A PNG grid: one row per entry of ``rows`` (label -> images ``[N, H, W, 3]`` in [0, 1])."""
+    """A PNG grid: one row per entry of ``rows`` (label -> images ``[N, H, W, 3]`` in [0, 1]), in order.
+
+    Images smaller than 128 pixels are enlarged by an integer factor (nearest neighbour).
+    """
     from PIL import Image
 
     rows = {k: v for k, v in rows.items() if v is not None and len(v)}
@@ -147,8 +169,11 @@ def save_examples(rows: Dict[str, np.ndarray], path: Path, max_images: int = 6) 
     for r, imgs in enumerate(rows.values()):
         for c in range(n):
             canvas[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = imgs[c]
+    scale = max(1, 128 // max(h, w))  # small images are enlarged (nearest neighbour) to be seen
+    if scale > 1:
+        canvas = canvas.repeat(scale, axis=0).repeat(scale, axis=1)
     Image.fromarray((canvas * 255).round().astype(np.uint8)).save(path)
     return path
 
 
-__all__ = ["plot_eos", "plot_frequency", "plot_guidance", "plot_sweep", "save_examples"]
+__all__ = ["require_matplotlib", "plot_eos", "plot_frequency", "plot_guidance", "plot_sweep", "save_examples"]

@@ -6,6 +6,7 @@ At each step of one always-guided run per prompt it records:
   ``alphas_cumprod``), split into low and high frequencies (:mod:`.frequency`): the
   energy of each part, its relative change from the previous step, and its relative
   distance to the final step's part;
+- optionally the same split of the decoded x0 image (pixel space, the same cutoff);
 - the RMS of ``eps(x_t, empty)``, the RMS of ``eps(x_t, c) - eps(x_t, empty)`` (what
   guidance adds, before the weight) and the cosine similarity of the two predictions.
 
@@ -21,9 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..loop import cosine_per_image
 from .frequency import DEFAULT_CUTOFF, split_frequencies
-from .trajectory import StepState, encode_texts, guided_trajectory, predicted_x0, prediction_type_of
+from .trajectory import StepState, decode_images, encode_texts, guided_trajectory, predicted_x0, prediction_type_of
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,12 @@ DEFAULT_SETTLE_TOLERANCE = 0.1
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).double().pow(2).mean(1).sqrt()
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each image's two predictions (``[B]``, float64)."""
+    n = a.shape[0]
+    return torch.nn.functional.cosine_similarity(a.reshape(n, -1).double(), b.reshape(n, -1).double(), dim=1)
 
 
 def settle_step(distances: Sequence[float], tolerance: float) -> int:
@@ -48,12 +54,13 @@ def settle_step(distances: Sequence[float], tolerance: float) -> int:
 class _Recorder:
     """Collects the per-step statistics of one batch."""
 
-    def __init__(self, prediction_type: str, cutoff: float) -> None:
+    def __init__(self, sampler, prediction_type: str, cutoff: float, pixels: bool) -> None:
+        self.sampler = sampler
         self.prediction_type = prediction_type
         self.cutoff = cutoff
+        self.pixels = pixels
         self.timesteps: List[float] = []
-        self.low: List[torch.Tensor] = []
-        self.high: List[torch.Tensor] = []
+        self.parts: Dict[str, List[torch.Tensor]] = {"low": [], "high": [], "pixel_low": [], "pixel_high": []}
         self.eps_rms: List[torch.Tensor] = []
         self.delta_rms: List[torch.Tensor] = []
         self.cosine: List[torch.Tensor] = []
@@ -62,17 +69,45 @@ class _Recorder:
         x0 = predicted_x0(s.sample, s.guided, s.alpha_bar, self.prediction_type)
         low, high = split_frequencies(x0, self.cutoff)
         self.timesteps.append(s.timestep)
-        self.low.append(low.cpu())
-        self.high.append(high.cpu())
+        self.parts["low"].append(low.cpu())
+        self.parts["high"].append(high.cpu())
+        if self.pixels:
+            image = decode_images(self.sampler, x0.to(s.sample.dtype))  # [B, H, W, 3] in [0, 1]
+            p_low, p_high = split_frequencies(torch.from_numpy(image).permute(0, 3, 1, 2), self.cutoff)
+            self.parts["pixel_low"].append(p_low)
+            self.parts["pixel_high"].append(p_high)
         self.eps_rms.append(_rms(s.uncond).cpu())
         self.delta_rms.append(_rms(s.cond.double() - s.uncond.double()).cpu())
-        self.cosine.append(cosine_per_image(s.uncond, s.cond).double().cpu())
+        self.cosine.append(_cosine(s.uncond, s.cond).cpu())
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``||a - b|| / ||b||`` per image."""
     n = a.shape[0]
     return (a - b).reshape(n, -1).norm(dim=1) / b.reshape(n, -1).norm(dim=1).clamp_min(1e-12)
+
+
+def part_statistics(low: torch.Tensor, high: torch.Tensor, tolerance: float) -> Dict[str, Any]:
+    """Per-step statistics of the low and high parts of a trajectory (``[steps, N, ...]`` each).
+
+    Returns means over images of the energy (mean square), the relative change from the
+    previous step (``None`` at step 0) and the relative distance to the final step's part,
+    the settle step of each mean distance curve, per-image settle steps, and the share of
+    images whose low part settles strictly before their high part.
+    """
+    steps, n = low.shape[0], low.shape[1]
+    out: Dict[str, Any] = {"per_step": {}, "settle_step": {}, "settle_steps_per_image": {}}
+    for name, part in (("low", low), ("high", high)):
+        dist = torch.stack([_relative(part[i], part[-1]) for i in range(steps)])  # [steps, N]
+        out["per_step"][f"energy_{name}"] = part.reshape(steps, n, -1).pow(2).mean(2).mean(1).tolist()
+        out["per_step"][f"change_{name}"] = [None] + [_relative(part[i], part[i - 1]).mean().item() for i in range(1, steps)]
+        out["per_step"][f"distance_to_final_{name}"] = dist.mean(1).tolist()
+        out["settle_step"][name] = settle_step(dist.mean(1).tolist(), tolerance)
+        out["settle_steps_per_image"][name] = [settle_step(dist[:, j].tolist(), tolerance) for j in range(n)]
+    per = out["settle_steps_per_image"]
+    out["share_low_settles_first"] = float(np.mean([a < b for a, b in zip(per["low"], per["high"])])) if n else 0.0
+    out["low_settles_first"] = bool(out["settle_step"]["low"] < out["settle_step"]["high"])
+    return out
 
 
 def trajectory_probes(
@@ -85,6 +120,7 @@ def trajectory_probes(
     seed: int = 0,
     cutoff: float = DEFAULT_CUTOFF,
     settle_tolerance: float = DEFAULT_SETTLE_TOLERANCE,
+    pixels: bool = True,
     batch_size: int = 16,
     progress: Optional[Any] = None,
 ) -> Dict[str, Any]:
@@ -97,20 +133,24 @@ def trajectory_probes(
         seed (`int`, defaults to 0): seed of the first prompt.
         cutoff (`float`, defaults to 0.25): low-pass radius as a fraction of Nyquist.
         settle_tolerance (`float`, defaults to 0.1): see the module docstring.
+        pixels (`bool`, defaults to True): also decode each step's x0 and split it in pixel space
+            (one VAE decode per step; turn off for large models).
         batch_size (`int`, defaults to 16): prompts per UNet batch.
         progress (tqdm bar, optional): advanced by one per prompt.
 
     Returns:
-        ``per_step`` (means over prompts of each statistic, one value per step; a change is
-        ``None`` at step 0), ``settle_step`` (of the mean distance curves), per-image settle
-        steps and the share of images whose low part settles strictly before their high part.
+        The latent view at top level (``per_step``, ``settle_step``, ``settle_steps_per_image``,
+        ``share_low_settles_first``, ``low_settles_first``; see :func:`part_statistics`), the
+        guidance statistics in ``per_step`` (``eps_uncond_rms``, ``guidance_delta_rms``,
+        ``cosine``, ``cosine_min``), and with ``pixels`` the same part statistics of the decoded
+        x0 under ``pixel``.
     """
     prompts = list(prompts)
     prediction_type = prediction_type_of(sampler)
     batches: List[_Recorder] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        rec = _Recorder(prediction_type, cutoff)
+        rec = _Recorder(sampler, prediction_type, cutoff, pixels)
         cond = encode_texts(sampler, chunk)
         uncond = encode_texts(sampler, [""] * len(chunk))
         seeds = [seed + start + j for j in range(len(chunk))]
@@ -120,22 +160,13 @@ def trajectory_probes(
         if progress is not None:
             progress.update(len(chunk))
 
-    def cat(attr: str) -> torch.Tensor:  # [steps, N, ...]
-        return torch.stack([torch.cat([getattr(b, attr)[i] for b in batches]) for i in range(steps)])
+    def cat(values: List[List[torch.Tensor]]) -> torch.Tensor:  # [steps, N, ...]
+        return torch.stack([torch.cat([v[i] for v in values]) for i in range(steps)])
 
-    low, high = cat("low"), cat("high")
-    n = low.shape[1]
-    energy_low = low.reshape(steps, n, -1).pow(2).mean(2)
-    energy_high = high.reshape(steps, n, -1).pow(2).mean(2)
-    change_low = [None] + [_relative(low[i], low[i - 1]).mean().item() for i in range(1, steps)]
-    change_high = [None] + [_relative(high[i], high[i - 1]).mean().item() for i in range(1, steps)]
-    dist_low = torch.stack([_relative(low[i], low[-1]) for i in range(steps)])  # [steps, N]
-    dist_high = torch.stack([_relative(high[i], high[-1]) for i in range(steps)])
-    mean_low, mean_high = dist_low.mean(1).tolist(), dist_high.mean(1).tolist()
-    per_low = [settle_step(dist_low[:, j].tolist(), settle_tolerance) for j in range(n)]
-    per_high = [settle_step(dist_high[:, j].tolist(), settle_tolerance) for j in range(n)]
-    s_low, s_high = settle_step(mean_low, settle_tolerance), settle_step(mean_high, settle_tolerance)
-    result = {
+    latent = part_statistics(cat([b.parts["low"] for b in batches]), cat([b.parts["high"] for b in batches]), settle_tolerance)
+    cosine = cat([b.cosine for b in batches])
+    n = cosine.shape[1]
+    result: Dict[str, Any] = {
         "prompts": prompts,
         "seeds": [seed + i for i in range(n)],
         "steps": steps,
@@ -143,29 +174,24 @@ def trajectory_probes(
         "scheduler": scheduler,
         "prediction_type": prediction_type,
         "cutoff": cutoff,
-        "cutoff_meaning": "low part = FFT bins with radial frequency <= cutoff * 0.5 cycles/pixel of the latent",
+        "cutoff_meaning": "low part = FFT bins with radial frequency <= cutoff * 0.5 cycles/pixel (of the latent; "
+                          "of the decoded image under 'pixel')",
         "settle_tolerance": settle_tolerance,
         "timesteps": list(batches[0].timesteps) if batches else [],
-        "per_step": {
-            "energy_low": energy_low.mean(1).tolist(),
-            "energy_high": energy_high.mean(1).tolist(),
-            "change_low": change_low,
-            "change_high": change_high,
-            "distance_to_final_low": mean_low,
-            "distance_to_final_high": mean_high,
-            "eps_uncond_rms": cat("eps_rms").mean(1).tolist(),
-            "guidance_delta_rms": cat("delta_rms").mean(1).tolist(),
-            "cosine": cat("cosine").mean(1).tolist(),
-            "cosine_min": cat("cosine").min(1).values.tolist(),
-        },
-        "settle_step": {"low": s_low, "high": s_high},
-        "settle_steps_per_image": {"low": per_low, "high": per_high},
-        "share_low_settles_first": float(np.mean([a < b for a, b in zip(per_low, per_high)])) if n else 0.0,
-        "low_settles_first": bool(s_low < s_high),
+        **latent,
     }
-    logger.info("probes: low part settles at step %d, high part at step %d (tolerance %.2f, %d prompts)",
-                s_low, s_high, settle_tolerance, n)
+    result["per_step"].update({
+        "eps_uncond_rms": cat([b.eps_rms for b in batches]).mean(1).tolist(),
+        "guidance_delta_rms": cat([b.delta_rms for b in batches]).mean(1).tolist(),
+        "cosine": cosine.mean(1).tolist(),
+        "cosine_min": cosine.min(1).values.tolist(),
+    })
+    if pixels:
+        result["pixel"] = part_statistics(cat([b.parts["pixel_low"] for b in batches]),
+                                          cat([b.parts["pixel_high"] for b in batches]), settle_tolerance)
+    logger.info("probes: low part settles at step %d, high part at step %d (latent, tolerance %.2f, %d prompts)",
+                latent["settle_step"]["low"], latent["settle_step"]["high"], settle_tolerance, n)
     return result
 
 
-__all__ = ["DEFAULT_SETTLE_TOLERANCE", "settle_step", "trajectory_probes"]
+__all__ = ["DEFAULT_SETTLE_TOLERANCE", "part_statistics", "settle_step", "trajectory_probes"]

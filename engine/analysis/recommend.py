@@ -89,10 +89,11 @@ def recommend(sweep: Dict[str, Any], tolerance: Tolerance = Tolerance()) -> Dict
     if choice is None:
         plan = GuidancePlan.always()
         evidence: Dict[str, Any] = {"fraction": 1.0, "late": None, "switch_step": sweep["steps"], "rows_saved": 0.0,
-                                    "time_saved": 0.0, "lowfreq": 0.0, "psnr": None, "accuracy_drop_points": 0.0}
+                                    "time_saved": 0.0, "unet_time_saved": 0.0, "lowfreq": 0.0, "psnr": None, "accuracy_drop_points": 0.0}
     else:
         plan = GuidancePlan.switch_at(choice["fraction"], choice["late"])
         evidence = {k: choice[k] for k in ("fraction", "late", "switch_step", "rows_saved", "time_saved", "lowfreq", "psnr")}
+        evidence["unet_time_saved"] = choice.get("unet_time_saved")
         evidence["accuracy_drop_points"] = _accuracy_drop(choice, baseline)
     return {
         "plan": str(plan),

@@ -31,6 +31,10 @@ def _f(x: Optional[float], digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _pct(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
 def answers(result: Dict[str, Any]) -> List[str]:
     """The four questions of the analysis, answered from the numbers (markdown bullet lines)."""
     out: List[str] = []
@@ -40,10 +44,13 @@ def answers(result: Dict[str, Any]) -> List[str]:
         n = probes["steps"]
         verdict = "yes" if s["low"] < s["high"] else ("no, at the same step" if s["low"] == s["high"] else "no")
         out.append(
-            f"- **Does low-frequency content settle before high frequencies?** {verdict}: the low part of the predicted "
-            f"x0 comes within {probes['settle_tolerance']:.0%} of its final value at step {s['low']} of {n}, the high part "
+            f"- **Does low-frequency content settle before high frequencies?** {verdict} (latent): the low part of the predicted "
+            f"x0 latent comes within {probes['settle_tolerance']:.0%} of its final value at step {s['low']} of {n}, the high part "
             f"at step {s['high']}; per prompt the low part settles strictly first in "
-            f"{probes['share_low_settles_first']:.0%} of {len(probes['prompts'])} prompts."
+            f"{probes['share_low_settles_first']:.0%} of {len(probes['prompts'])} prompts"
+            + (f". In pixel space (decoded x0): low part at step {probes['pixel']['settle_step']['low']}, high part at step "
+               f"{probes['pixel']['settle_step']['high']}, low strictly first in {probes['pixel']['share_low_settles_first']:.0%} "
+               "of prompts." if "pixel" in probes else ".")
         )
     if eos:
         v = eos["variants"]
@@ -54,6 +61,10 @@ def answers(result: Dict[str, Any]) -> List[str]:
         if eos.get("scored"):
             line += (f"; the scorer finds {e['matches_b']:.0%} of attributes matching B with B's [EOS] vs "
                      f"{s['matches_b']:.0%} with B's words (A's own image: {v['a']['matches_b']:.0%}, B's: {v['b']['matches_b']:.0%})")
+        if eos.get("scored") and "matches_b_by_attribute" in e:
+            attrs = [k for k in e["matches_b_by_attribute"] if k != "mean"]
+            line += ("; per attribute, images matching B with B's [EOS] / with B's words: " + ", ".join(
+                f"{a} {e['matches_b_by_attribute'][a]:.0%} / {s['matches_b_by_attribute'][a]:.0%}" for a in attrs))
         out.append(line + f" ({len(eos['pairs'])} pairs).")
         ne = eos["no_effect_from_step"]
         parts = []
@@ -71,7 +82,8 @@ def answers(result: Dict[str, Any]) -> List[str]:
             acc = "" if rec.get("accuracy_drop_points") is None else f", mean accuracy drop {rec['accuracy_drop_points']:.1f} points"
             out.append(
                 f"- **Recommended switch point:** `{rec['plan']}` (switch at step {rec['switch_step']} of {rec['steps']}): "
-                f"saves {rec['rows_saved']:.0%} of UNet rows and measured {rec['time_saved']:.0%} of loop time, at "
+                f"saves {rec['rows_saved']:.0%} of UNet rows, {_pct(rec.get('unet_time_saved'))} of UNet time by calibrated "
+                f"per-call times ({_pct(rec['time_saved'])} of measured loop time), at "
                 f"low-frequency distance {rec['lowfreq']:.4f} to always-CFG (tolerance {rec['tolerance']['lowfreq']}){acc}."
             )
         else:
@@ -112,25 +124,37 @@ def render_markdown(result: Dict[str, Any], plots: Dict[str, str]) -> str:
                 f"{ps['distance_to_final_high'][i]:.3f} | {ps['eps_uncond_rms'][i]:.4f} | {ps['guidance_delta_rms'][i]:.4f} | "
                 f"{ps['cosine'][i]:.4f} |")
         lines.append("")
+        if "pixel" in probes:
+            px = probes["pixel"]["per_step"]
+            lines += ["Pixel space (the decoded x0 of each step, same cutoff):", "",
+                      "| step | energy low | energy high | change low | change high | dist. low | dist. high |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
+            for i in range(probes["steps"]):
+                lines.append(f"| {i} | {px['energy_low'][i]:.4f} | {px['energy_high'][i]:.5f} | {_f(px['change_low'][i])} | "
+                             f"{_f(px['change_high'][i])} | {px['distance_to_final_low'][i]:.3f} | {px['distance_to_final_high'][i]:.3f} |")
+            lines.append("")
     sweep = result.get("sweep")
     if sweep:
         scored = sweep.get("scored")
         lines += ["## 2. Switch sweep", "",
                   f"{len(sweep['prompts'])} prompts, each against its always-CFG image (same seed). "
                   f"Always-CFG: {sweep['baseline']['unet_rows']} UNet rows, loop {sweep['baseline']['loop_seconds']:.2f} s"
+                  + (f"; one UNet call on {sweep['unet_timing']['batch']} images takes {1000 * sweep['unet_timing']['cfg_call_seconds']:.1f} ms "
+                     f"guided (2B rows) and {1000 * sweep['unet_timing']['late_call_seconds']:.1f} ms late (B rows), medians"
+                     if "unet_timing" in sweep else "")
                   + (f", mean accuracy {sweep['baseline']['accuracy']['mean']:.1f}%" if scored else "") + ".", "",
-                  "| plan | switch step | L1 | PSNR dB | low-freq dist. | rows saved | time saved |" + (" accuracy % (mean / colour / shape / size / position / background) |" if scored else ""),
-                  "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if scored else "")]
+                  "| plan | switch step | L1 | PSNR dB | low-freq dist. | rows saved | UNet time saved | loop time saved |" + (" accuracy % (mean / colour / shape / size / position / background) |" if scored else ""),
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if scored else "")]
         for e in sweep["entries"]:
             row = (f"| `{e['plan']}` | {e['switch_step']} | {e['l1']:.4f} | {e['psnr']:.1f} | {e['lowfreq']:.4f} | "
-                   f"{e['rows_saved']:.0%} | {e['time_saved']:.0%} |")
+                   f"{e['rows_saved']:.0%} | {_pct(e.get('unet_time_saved'))} | {e['time_saved']:.0%} |")
             if scored:
                 a = e["accuracy"]
                 row += " " + " / ".join(f"{a[k]:.0f}" for k in ("mean", "colour", "shape", "size", "position", "background")) + " |"
             lines.append(row)
         if scored:
             a = sweep["baseline"]["accuracy"]
-            lines.append("| `always` | - | 0 | - | 0 | 0% | 0% | " + " / ".join(
+            lines.append("| `always` | - | 0 | - | 0 | 0% | 0% | 0% | " + " / ".join(
                 f"{a[k]:.0f}" for k in ("mean", "colour", "shape", "size", "position", "background")) + " |")
         lines.append("")
     eos = result.get("eos")
@@ -146,6 +170,15 @@ def render_markdown(result: Dict[str, Any], plots: Dict[str, str]) -> str:
             v = eos["variants"][key]
             lines.append(f"| {label} | {v['toward_b']:.3f} |" + (f" {v['matches_a']:.2f} | {v['matches_b']:.2f} |" if scored else ""))
         lines.append("")
+        if scored:
+            attrs = [k for k in eos["variants"]["a"]["matches_b_by_attribute"] if k != "mean"]
+            lines += ["Per attribute (share of images whose attribute matches A / B):", "",
+                      "| variant | " + " | ".join(attrs) + " |", "| --- |" + " --- |" * len(attrs)]
+            for key, label in names.items():
+                v = eos["variants"][key]
+                lines.append(f"| {label} | " + " | ".join(
+                    f"{v['matches_a_by_attribute'][a]:.2f} / {v['matches_b_by_attribute'][a]:.2f}" for a in attrs) + " |")
+            lines.append("")
         for mode, label in (("eos", "B's [EOS] from step k"), ("prompt", "all of B from step k")):
             if mode not in eos["step_k"]:
                 continue

@@ -51,14 +51,22 @@ class ShapesScorer:
         out["mean"] = 100.0 * acc["all_attributes"]
         return out
 
-    def match_share(self, images: np.ndarray, scenes: Sequence[Any]) -> float:
-        """Share (0..1) of the scored attributes (main object and background) that match ``scenes``."""
-        hits: List[float] = []
+    def match_shares(self, images: np.ndarray, scenes: Sequence[Any]) -> Dict[str, float]:
+        """Share (0..1) of images whose main object (and background) match ``scenes``, per attribute,
+        and ``mean`` over the five attributes."""
+        keys = {a: ("background" if a == "background" else f"object0.{a}") for a in self.attributes}
+        hits: Dict[str, List[float]] = {a: [] for a in self.attributes}
         for img, scene in zip(images, scenes):
             res = self._scorer.score(img, scene)
-            keys = ["background"] + [f"object0.{a}" for a in self.attributes if a != "background"]
-            hits.append(float(np.mean([res[k] for k in keys])))
-        return float(np.mean(hits)) if hits else 0.0
+            for a, k in keys.items():
+                hits[a].append(float(res[k]))
+        out = {a: float(np.mean(v)) if v else 0.0 for a, v in hits.items()}
+        out["mean"] = float(np.mean([out[a] for a in self.attributes]))
+        return out
+
+    def match_share(self, images: np.ndarray, scenes: Sequence[Any]) -> float:
+        """Share (0..1) of the scored attributes (main object and background) that match ``scenes``."""
+        return self.match_shares(images, scenes)["mean"]
 
 
 def load_scorer(kind: str = "auto", model_dir: Optional[str] = None) -> Tuple[Optional[ShapesScorer], str]:

@@ -1,8 +1,9 @@
 """Experiment 2: the switch sweep, ``switch_at(f)`` over a grid of ``f`` against always-CFG.
 
 Each switched image is compared with the always-CFG image of the same prompt and seed
-(L1, PSNR, low-frequency distance); the UNet rows and the measured time saved are
-reported beside it, and, when a scorer is given, the attribute accuracies.
+(L1, PSNR, low-frequency distance); the UNet rows saved, the measured loop time saved and
+the UNet time saved by calibrated per-call times (:func:`unet_call_seconds`) are reported
+beside it, and, when a scorer is given, the attribute accuracies.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ DEFAULT_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
 
 
 def _generate(sampler, prompts: List[str], plan: GuidancePlan, seeds: List[int], batch_size: int, **kw) -> Dict[str, Any]:
-    images, rows, seconds, loop_s = [], 0, 0.0, 0.0
+    images, rows, seconds, loop_s, cfg_steps = [], 0, 0.0, 0.0, 0
     for start in range(0, len(prompts), batch_size):
         out = sampler.generate(prompts[start : start + batch_size], plan=plan, seed=seeds[start : start + batch_size],
                                output_type="np", **kw)
@@ -31,7 +32,45 @@ def _generate(sampler, prompts: List[str], plan: GuidancePlan, seeds: List[int],
         rows += out.unet_rows
         seconds += out.timings["total"]
         loop_s += out.timings["loop"]
-    return {"images": np.concatenate(images), "unet_rows": rows, "seconds": seconds, "loop_seconds": loop_s}
+        cfg_steps = out.cfg_steps
+    return {"images": np.concatenate(images), "unet_rows": rows, "seconds": seconds, "loop_seconds": loop_s,
+            "cfg_steps": cfg_steps}
+
+
+def unet_call_seconds(sampler, batch: int, repeats: int = 5) -> Dict[str, float]:
+    """Median seconds of one CFG-role call (B latents, 2B rows) and one late-role call (B rows).
+
+    A calibration independent of the sweep's wall clock: the median of ``repeats`` calls
+    after one warm-up, at a mid timestep, with the sampler's own runners.
+    """
+    import statistics
+    import time
+
+    import torch
+
+    runners, spec = sampler.runners, sampler.spec
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, spec.latent_channels, spec.sample_size, spec.sample_size), generator=g).to(runners.device, runners.dtype)
+    t = torch.full((batch,), 500.0, device=runners.device)
+    emb = torch.zeros((2 * batch, spec.text_length, spec.text_width), device=runners.device, dtype=runners.dtype)
+    w = torch.full((batch,), 7.5, device=runners.device)
+
+    def timed(fn) -> float:
+        fn()
+        out = []
+        for _ in range(repeats):
+            if runners.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if runners.device.type == "cuda":
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - start)
+        return statistics.median(out)
+
+    cfg_s = timed(lambda: runners.unet_cfg.predict_guided(x, t, emb, w))
+    late_s = timed(lambda: runners.unet.predict(x, t, emb[:batch]))
+    return {"batch": batch, "cfg_call_seconds": cfg_s, "late_call_seconds": late_s}
 
 
 def switch_sweep(
@@ -65,9 +104,11 @@ def switch_sweep(
         progress (tqdm bar, optional): advanced by one per plan run.
 
     Returns:
-        ``baseline`` (always-CFG rows, seconds, accuracies) and ``entries``: one per
-        (late mode, fraction) with the mean distances, ``switch_step``, ``rows_saved``
-        (fraction of the baseline's UNet rows), ``time_saved`` (fraction of its measured loop time).
+        ``baseline`` (always-CFG rows, seconds, accuracies), ``unet_timing`` (median seconds of one
+        CFG-role and one late-role call) and ``entries``: one per (late mode, fraction) with the mean
+        distances, ``switch_step``, ``rows_saved`` (fraction of the baseline's UNet rows),
+        ``time_saved`` (fraction of its measured loop time, noisy on a shared machine) and
+        ``unet_time_saved`` (the UNet time saved, from the calibrated per-call times).
     """
     prompts = list(prompts)
     for f in fractions:
@@ -84,6 +125,8 @@ def switch_sweep(
                                 "loop_seconds": base["loop_seconds"]}
     if use_scorer:
         baseline["accuracy"] = scorer.accuracy(base["images"], targets)
+    calib = unet_call_seconds(sampler, min(batch_size, len(prompts)))
+    late_gain = 1.0 - calib["late_call_seconds"] / calib["cfg_call_seconds"] if calib["cfg_call_seconds"] > 0 else 0.0
     entries: List[Dict[str, Any]] = []
     examples: Dict[str, np.ndarray] = {"always": base["images"]}
     for late in late_modes:
@@ -93,7 +136,7 @@ def switch_sweep(
             d = image_distances(run["images"], base["images"], cutoff)
             entry: Dict[str, Any] = {
                 "plan": str(plan), "fraction": float(f), "late": late,
-                "switch_step": int(np.floor(float(f) * steps + 0.5)),
+                "switch_step": run["cfg_steps"],
                 "l1": float(d["l1"].mean()), "psnr": float(d["psnr"].mean()),
                 "lowfreq": float(d["lowfreq"].mean()), "lowfreq_max": float(d["lowfreq"].max()),
                 "unet_rows": run["unet_rows"],
@@ -101,6 +144,7 @@ def switch_sweep(
                 "seconds": run["seconds"], "loop_seconds": run["loop_seconds"],
                 "time_saved": 1.0 - run["loop_seconds"] / base["loop_seconds"] if base["loop_seconds"] > 0 else 0.0,
             }
+            entry["unet_time_saved"] = (steps - entry["switch_step"]) / steps * late_gain
             if use_scorer:
                 entry["accuracy"] = scorer.accuracy(run["images"], targets)
             entries.append(entry)
@@ -112,8 +156,8 @@ def switch_sweep(
     return {
         "prompts": prompts, "seeds": seeds, "steps": steps, "guidance_scale": guidance_scale, "scheduler": scheduler,
         "cutoff": cutoff, "fractions": [float(f) for f in fractions], "late_modes": list(late_modes),
-        "scored": use_scorer, "baseline": baseline, "entries": entries, "_images": examples,
+        "scored": use_scorer, "baseline": baseline, "unet_timing": calib, "entries": entries, "_images": examples,
     }
 
 
-__all__ = ["DEFAULT_FRACTIONS", "switch_sweep"]
+__all__ = ["DEFAULT_FRACTIONS", "switch_sweep", "unet_call_seconds"]

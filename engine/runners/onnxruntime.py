@@ -94,7 +94,6 @@ class OrtGraph:
         self.factor = factor
         self.in_dtypes = [t.resolved_dtype(model_dtype) for t in spec.inputs]
         self.out_dtypes = [t.resolved_dtype(model_dtype) for t in spec.outputs]
-        self.binding = session.io_binding()
 
     def _env(self, tensors: Sequence[torch.Tensor]) -> Dict[str, int]:
         env: Dict[str, int] = {}
@@ -111,7 +110,7 @@ class OrtGraph:
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
         """Run the graph on CPU torch tensors (cast and made contiguous as needed); returns its output."""
         env = self._env(tensors)
-        b = self.binding
+        b = self.session.io_binding()  # per call: cheap, and concurrent callers (serving threads) stay apart
         keep = []
         for t, x, dt in zip(self.spec.inputs, tensors, self.in_dtypes):
             x = x.detach().to(device="cpu", dtype=_TORCH[dt]).contiguous()

@@ -101,6 +101,19 @@ def _int(name: str, value: Any, lo: int, hi: int, hint: str = "") -> int:
     return v
 
 
+def _check_size_supported(check_request: Callable[..., None], height: int, width: int, max_batch: int) -> None:
+    """Raise the backend's error when no batch size up to ``max_batch`` runs ``height`` x ``width``."""
+    first: Optional[CfgSwitchError] = None
+    for n in range(1, max_batch + 1):
+        try:
+            check_request(batch=n, height=height, width=width)
+            return
+        except CfgSwitchError as e:
+            first = first or e
+    assert first is not None
+    raise first
+
+
 def parse_request(data: Mapping[str, Any], *, limits: ServeLimits, default_size: int, vae_factor: int,
                   check_request: Optional[Callable[..., None]] = None) -> List[ImageJob]:
     """Check one request's inputs (``{name: array [b, 1]}``) and return its images.
@@ -147,8 +160,8 @@ def parse_request(data: Mapping[str, Any], *, limits: ServeLimits, default_size:
         width = _int("width" + sfx, get("width", default_size), vae_factor, limits.max_image_side, side)
         check_size("height" + sfx, height, vae_factor)
         check_size("width" + sfx, width, vae_factor)
-        if check_request is not None:
-            check_request(batch=1, height=height, width=width)
+        if check_request is not None and not jobs:
+            _check_size_supported(check_request, height, width, limits.max_batch)
         if jobs and (height, width) != (jobs[0].key.height, jobs[0].key.width):
             raise InvalidArgumentError("height" + sfx, f"the size of image 0 ({jobs[0].key.height}x{jobs[0].key.width}): "
                                        "the images of one request share a size", f"{height}x{width}")
@@ -175,8 +188,24 @@ def parse_batch(requests: Sequence[Mapping[str, Any]], **kwargs: Any) -> List[Li
     return parsed
 
 
-def group_jobs(parsed: Sequence[Sequence[ImageJob]], max_batch: int) -> List[Tuple[GroupKey, List[Tuple[int, int, ImageJob]]]]:
+def _chunks(count: int, max_batch: int, fits: Optional[Callable[[int], bool]]) -> List[int]:
+    """Sizes that split ``count`` images: the largest size that ``fits`` (up to ``max_batch``) first."""
+    sizes = []
+    while count > 0:
+        n = min(count, max_batch)
+        if fits is not None:
+            n = next((m for m in range(n, 0, -1) if fits(m)), n)
+        sizes.append(n)
+        count -= n
+    return sizes
+
+
+def group_jobs(parsed: Sequence[Sequence[ImageJob]], max_batch: int,
+               check_request: Optional[Callable[..., None]] = None) -> List[Tuple[GroupKey, List[Tuple[int, int, ImageJob]]]]:
     """Images of a batch grouped by :class:`GroupKey` (first-seen order), in chunks of at most ``max_batch``.
+
+    With ``check_request`` (the backend's), chunks take the largest batch size it accepts
+    (a bundle exported for batch sizes 1, 2, 4 runs 3 images as 2 + 1).
 
     Returns a list of ``(key, [(request index, row, job), ...])``.
     """
@@ -186,8 +215,18 @@ def group_jobs(parsed: Sequence[Sequence[ImageJob]], max_batch: int) -> List[Tup
             groups.setdefault(job.key, []).append((r, row, job))
     out = []
     for key, members in groups.items():
-        for start in range(0, len(members), max_batch):
-            out.append((key, members[start:start + max_batch]))
+        fits = None
+        if check_request is not None:
+            def fits(n: int, key: GroupKey = key) -> bool:
+                try:
+                    check_request(batch=n, height=key.height, width=key.width)
+                    return True
+                except CfgSwitchError:
+                    return False
+        start = 0
+        for n in _chunks(len(members), max_batch, fits):
+            out.append((key, members[start:start + n]))
+            start += n
     return out
 
 
@@ -201,7 +240,7 @@ def run_batch(sampler: Any, parsed: Sequence[Sequence[ImageJob]], max_batch: int
     results: List[Dict[str, Any]] = [
         {"image": [None] * len(jobs), "cfg_steps": [0] * len(jobs), "late_steps": [0] * len(jobs)} for jobs in parsed
     ]
-    for key, members in group_jobs(parsed, max_batch):
+    for key, members in group_jobs(parsed, max_batch, sampler.runners.check_request):
         jobs = [m[2] for m in members]
         out = sampler.generate(
             [j.prompt for j in jobs], [j.negative_prompt for j in jobs], steps=key.steps,

@@ -51,12 +51,16 @@ def server_env(extra_pythonpath: Optional[List[str]] = None, base: Optional[Mapp
     """The environment of a ``tritonserver`` process that runs the bundled binary on a repository.
 
     ``LD_LIBRARY_PATH`` gets the interpreter's ``LIBDIR`` and PyTriton's ``nvidia_pytriton.libs``;
-    ``PYTHONPATH`` gets ``extra_pythonpath`` first, so Python-backend models import the
-    running ``cfgswitch`` and its dependencies.
+    ``PATH`` starts with this interpreter's ``bin`` folder, so the Python-backend stub runs in
+    this environment (its numpy, not the system's); ``PYTHONPATH`` gets ``extra_pythonpath``.
     """
     env = dict(os.environ if base is None else base)
     libs = pytriton_root().parent / "nvidia_pytriton.libs"
     env["LD_LIBRARY_PATH"] = library_path([str(libs)], env.get("LD_LIBRARY_PATH", ""))
+    # As PyTriton does: the stub's embedded Python resolves its prefix (and so its packages,
+    # numpy first) from the first python on PATH; make that this interpreter's environment.
+    bin_dir = str(Path(sys.exec_prefix) / "bin")
+    env["PATH"] = os.pathsep.join([bin_dir] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir])
     paths = list(extra_pythonpath or []) + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env

@@ -38,31 +38,34 @@ class TrainConfig:
     seed: int = 0
     train_images: int = 20000
     # autoencoder
-    vae_channels: Tuple[int, ...] = (32, 64, 64)
-    vae_steps: int = 800
-    vae_batch: int = 16
-    vae_lr: float = 1e-3
+    vae_channels: Tuple[int, ...] = (16, 32, 64)
+    vae_norm_groups: int = 16
+    vae_steps: int = 500
+    vae_batch: int = 12
+    vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     # text encoder
     text_hidden: int = 64
-    text_layers: int = 3
+    text_layers: int = 2
     text_heads: int = 4
     text_ffn: int = 256
     # unet
     unet_channels: Tuple[int, ...] = (32, 64, 64)
     unet_heads: int = 4
-    unet_steps: int = 8000
-    batch: int = 48
-    lr: float = 5e-4
-    text_lr: float = 5e-4
-    warmup: int = 200
+    unet_steps: int = 2800
+    batch: int = 32
+    lr: float = 1e-3
+    text_lr: float = 1e-3
+    warmup: int = 100
     uncond_prob: float = 0.1
-    ema_decay: float = 0.999
+    ema_decay: float = 0.997
     # bookkeeping
-    save_every: int = 1000
-    eval_every: int = 1000
-    eval_prompts: int = 64
-    eval_steps: int = 20
+    stop_at: int = 0  # >0: stop (and save) after this many UNet steps of the unet_steps schedule
+    log_every: int = 50
+    save_every: int = 500
+    eval_every: int = 500
+    eval_prompts: int = 48
+    eval_steps: int = 15
     eval_seed: int = 777
     fp16: bool = True
     threads: int = 1  # fixed for reproducibility (and faster than 2 on a shared CPU)
@@ -81,7 +84,7 @@ def build_models(cfg: TrainConfig):
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(cfg.vae_channels),
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=1, norm_num_groups=32, sample_size=IMAGE_SIZE,
+        layers_per_block=1, norm_num_groups=cfg.vae_norm_groups, sample_size=IMAGE_SIZE,
     )
     torch.manual_seed(cfg.seed + 1)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -195,7 +198,7 @@ class Trainer:
             opt.step()
             sched.step()
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            if step % 50 == 0 or step == cfg.vae_steps - 1:
+            if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
                 bar.set_postfix(loss=f"{running:.4f}")
                 self.log(phase="autoencoder", step=step, loss=float(loss.item()), rec=float(rec_loss.item()), kl=float(kl.item()))
         vae.eval().requires_grad_(False)
@@ -253,15 +256,15 @@ class Trainer:
             sched.step()
             ema.update(step)
             running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
-            if step % 50 == 0 or step == cfg.unet_steps - 1:
+            if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
                 bar.set_postfix(loss=f"{running:.4f}")
                 self.log(phase="unet", step=step, loss=float(loss.item()), loss_avg=float(running))
-            last = step == cfg.unet_steps - 1
+            last = step == cfg.unet_steps - 1 or (cfg.stop_at > 0 and step + 1 == cfg.stop_at)
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
                 ema.swap()
                 self.unet.eval()
                 self.text_encoder.eval()
-                if cfg.save_every and ((step + 1) % cfg.save_every == 0 or last):
+                if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                     self.save(self.out / "model")
                 if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
                     figures = self.evaluate()
@@ -270,6 +273,8 @@ class Trainer:
                 ema.swap()
                 self.unet.train()
                 self.text_encoder.train()
+            if last:
+                break
 
     # ----------------------------------------------------------------- outputs
     @torch.no_grad()

@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder: the diffusers model goes to OUT/model, logs beside it")
     p.add_argument("--seed", type=int, default=0, help="seed of data, weights and noise (default 0)")
     p.add_argument("--unet-steps", type=int, default=None, help="UNet+text training steps (default: the recipe's)")
+    p.add_argument("--stop-at", type=int, default=None, help="stop after this many UNet steps of the schedule (a checkpoint)")
     p.add_argument("--vae-steps", type=int, default=None, help="autoencoder training steps (default: the recipe's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the recipe's, 1, for reproducibility)")
     p.add_argument("--fp32", action="store_true", help="save float32 weights (default: float16, to keep the folder small)")
@@ -29,7 +30,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train and report where the model is."""
-    for name in ("unet_steps", "vae_steps", "threads"):
+    for name in ("unet_steps", "vae_steps", "threads", "stop_at"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InvalidArgumentError(f"--{name.replace('_', '-')}", "a positive integer", value)
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from .train import TrainConfig, Trainer
 
     cfg = TrainConfig(seed=args.seed, fp16=not args.fp32)
-    for name in ("unet_steps", "vae_steps", "threads"):
+    for name in ("unet_steps", "vae_steps", "threads", "stop_at"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     t0 = time.perf_counter()

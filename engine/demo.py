@@ -1,0 +1,137 @@
+"""``cfgswitch demo``: the embedded model with CFG all the way and with the switch, side by side.
+
+It loads the default model (or a bundle given with ``--bundle``) on the fastest backend
+installed for it, generates a few prompts with ``always()`` and with ``switch_at(0.5)``,
+saves one PNG grid and prints the time per image, the UNet rows of each plan and the speedup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from .errors import InvalidArgumentError
+
+logger = logging.getLogger(__name__)
+
+#: The demo's prompts: one object each, every colour of the palette's first four, every shape.
+DEMO_PROMPTS = (
+    "a large red circle at the top left on a white background",
+    "a small blue square at the centre on a black background",
+    "a large yellow triangle at the bottom right on a gray background",
+    "a large green cross at the top right on a black background",
+)
+#: The two plans the demo compares.
+DEMO_PLANS = ("always", "switch:0.5")
+
+
+def add_parser(sub) -> None:
+    """Register ``demo``."""
+    p = sub.add_parser("demo", help="generate a few prompts with and without the CFG switch, save a PNG grid")
+    p.add_argument("--out", default="cfgswitch-demo.png", help="PNG grid to write (default: cfgswitch-demo.png)")
+    p.add_argument("--model", default="default", help="diffusers folder (default: the embedded shapes model)")
+    p.add_argument("--bundle", default=None, help="an exported bundle to run instead (its fastest backend is used)")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG weight (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per plan; the fastest counts (default 3)")
+    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: four demo prompts)")
+    p.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.steps < 2:
+        raise InvalidArgumentError("--steps", "an integer >= 2", args.steps)
+    if args.repeats < 1:
+        raise InvalidArgumentError("--repeats", "a positive integer", args.repeats)
+    if not str(args.out).lower().endswith(".png"):
+        raise InvalidArgumentError("--out", "a .png path", args.out)
+    if args.bundle is not None and not (Path(args.bundle) / "manifest.json").is_file():
+        raise InvalidArgumentError("--bundle", "a bundle folder with manifest.json", args.bundle)
+
+
+def load_demo_sampler(model: str = "default", bundle: "str | None" = None):
+    """The sampler the demo runs: a bundle on its best backend, else the model on torch."""
+    from .default_model import resolve_model
+    from .sampler import Sampler
+
+    if bundle is not None:
+        return Sampler.load(bundle, backend=None)
+    return Sampler.load(resolve_model(model), backend=None)
+
+
+def compare_plans(sampler, prompts: Sequence[str], steps: int = 30, guidance_scale: float = 7.5, seed: int = 0,
+                  repeats: int = 3, plans: Sequence[str] = DEMO_PLANS) -> Dict[str, Dict]:
+    """Per plan: images, best seconds per image over ``repeats`` runs, UNet rows of the batch."""
+    sampler.generate(list(prompts[:1]), steps=2, guidance_scale=guidance_scale, seed=seed)  # warm-up
+    results: Dict[str, Dict] = {}
+    for plan in plans:
+        best = None
+        for _ in range(repeats):
+            out = sampler.generate(list(prompts), steps=steps, guidance_scale=guidance_scale, plan=plan, seed=seed)
+            if best is None or out.timings["total"] < best.timings["total"]:
+                best = out
+        results[plan] = {
+            "images": best.images, "seconds_per_image": best.timings["total"] / len(prompts),
+            "unet_rows": best.unet_rows, "cfg_steps": best.cfg_steps, "late_steps": best.late_steps,
+        }
+    return results
+
+
+def save_grid(results: Dict[str, Dict], prompts: Sequence[str], path: Path, cell: int = 192) -> Path:
+    """One PNG: a row per prompt, a column per plan, each labelled."""
+    from PIL import Image, ImageDraw
+
+    plans = list(results)
+    head, label_w = 22, 300
+    grid = Image.new("RGB", (label_w + cell * len(plans), head + cell * len(prompts)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, plan in enumerate(plans):
+        draw.text((label_w + j * cell + 6, 5), plan, fill="black")
+    for i, prompt in enumerate(prompts):
+        words, lines, line = prompt.split(), [], ""
+        for w in words:
+            if len(line) + len(w) + 1 > 44:
+                lines.append(line)
+                line = w
+            else:
+                line = f"{line} {w}".strip()
+        lines.append(line)
+        for k, text in enumerate(lines):
+            draw.text((6, head + i * cell + 8 + 14 * k), text, fill="black")
+        for j, plan in enumerate(plans):
+            img = results[plan]["images"][i].resize((cell, cell), Image.NEAREST)
+            grid.paste(img, (label_w + j * cell, head + i * cell))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def format_table(results: Dict[str, Dict]) -> List[str]:
+    """The printed table: plan, seconds per image, UNet rows, speedup over the first plan."""
+    plans = list(results)
+    base = results[plans[0]]["seconds_per_image"]
+    lines = [f"{'plan':<14} {'s/image':>9} {'UNet rows':>10} {'CFG/late steps':>15} {'speedup':>8}"]
+    for plan in plans:
+        r = results[plan]
+        steps = f"{r['cfg_steps']}/{r['late_steps']}"
+        lines.append(f"{plan:<14} {r['seconds_per_image']:>9.4f} {r['unet_rows']:>10d} {steps:>15} {base / r['seconds_per_image']:>7.2f}x")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo; returns 0."""
+    _check(args)
+    prompts = list(args.prompt) if args.prompt else list(DEMO_PROMPTS)
+    sampler = load_demo_sampler(args.model, args.bundle)
+    where = "an exported bundle" if args.bundle else "a diffusers folder: export a bundle for onnxruntime/tensorrt"
+    print(f"backend: {sampler.backend} ({where}); model: {sampler.source}")
+    results = compare_plans(sampler, prompts, args.steps, args.guidance_scale, args.seed, args.repeats)
+    path = save_grid(results, prompts, Path(args.out))
+    print(f"{len(prompts)} prompts, {args.steps} steps, guidance {args.guidance_scale}, batch of {len(prompts)}:")
+    for line in format_table(results):
+        print(line)
+    print(f"grid: {path}")
+    return 0

@@ -1,0 +1,56 @@
+"""The GPU suite: full-size configs checked on the meta device, and its --dry-run end to end on a CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cfgswitch.benchmarks import gpu_models
+from cfgswitch.benchmarks.gpu_suite import main
+
+
+def test_full_size_configs_have_the_published_parameter_counts():
+    # SD 1.5 UNet: 859,520,964 parameters; SDXL base UNet: 2,567,463,684 (counted without allocating memory).
+    assert gpu_models.count_parameters(gpu_models.SD15_UNET) == 859_520_964
+    assert gpu_models.count_parameters(gpu_models.SDXL_UNET) == 2_567_463_684
+
+
+def test_added_cond_unet_binds_sdxl_conditioning_per_row():
+    unet = gpu_models.build_unet(gpu_models.TINY_SDXL_UNET, torch.device("cpu"), torch.float32)
+    wrapped = gpu_models.AddedCondUNet(unet, 32, 64, 64)
+    x, ehs = torch.randn(3, 4, 8, 8), torch.randn(3, 77, 32)
+    out = wrapped(x, torch.tensor(500.0), ehs)[0]
+    assert out.shape == (3, 4, 8, 8)
+    direct = unet(x, torch.tensor(500.0), encoder_hidden_states=ehs, added_cond_kwargs={
+        "text_embeds": wrapped.text_embeds.expand(3, -1), "time_ids": wrapped.time_ids.expand(3, -1)}).sample
+    assert torch.equal(out, direct)
+    assert wrapped.time_ids.tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]
+
+
+def test_full_run_without_cuda_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the full suite would run")
+    assert main(["--out", "unused"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dry_run_writes_result_files(tmp_path):
+    out = tmp_path / "gpu"
+    code = main(["--dry-run", "--models", "sd15,sdxl", "--batch", "1", "--variants", "diffusers,eager,graphs",
+                 "--no-progress", "--out", str(out)])
+    assert code == 0
+    for model in ("sd15", "sdxl"):
+        r = json.loads((out / model / "results.json").read_text())
+        assert r["kind"] == "cfgswitch-gpu-suite" and r["config"]["dry_run"] is True
+        ids = sorted(c["id"] for c in r["cells"])
+        assert ids == sorted(f"{s}/torch-eager/{p}/b1" for s in ("cfgswitch", "diffusers") for p in ("always", "switch:0.5"))
+        assert any("variant graphs needs CUDA" in n for n in r["notes"])
+        sw = r["derived"]["cells"]["cfgswitch/torch-eager/switch:0.5/b1"]
+        always = r["derived"]["cells"]["cfgswitch/torch-eager/always/b1"]
+        assert sw["realized_speedup"] == pytest.approx(always["total_median_s"] / sw["total_median_s"], rel=1e-12)
+        assert sw["ideal_speedup"] > 1.0
+        assert (out / model / "report.md").read_text().startswith("# cfgswitch benchmark: random-weight")
+        assert (out / model / "speed.png").is_file()

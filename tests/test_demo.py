@@ -1,0 +1,47 @@
+"""``cfgswitch demo`` on the embedded model."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from PIL import Image
+
+from cfgswitch.cli import main
+from cfgswitch.demo import DEMO_PROMPTS
+
+
+@pytest.mark.slow
+def test_demo_writes_grid_and_table(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["demo", "--out", str(out), "--steps", "4", "--repeats", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "backend: torch" in text
+    grid = Image.open(out)
+    assert grid.size == (300 + 2 * 192, 22 + 192 * len(DEMO_PROMPTS))
+    rows = dict(re.findall(r"^(always|switch:0\.5)\s+[\d.]+\s+(\d+)", text, flags=re.M))
+    b = len(DEMO_PROMPTS)
+    # 4 steps: always runs 2B rows on each; switch:0.5 runs 2B rows on 2 steps then B rows on 2
+    assert rows == {"always": str(2 * b * 4), "switch:0.5": str(2 * b * 2 + b * 2)}
+    speedups = re.findall(r"([\d.]+)x$", text, flags=re.M)
+    assert len(speedups) == 2 and float(speedups[0]) == 1.0
+    # the two plans share the first half of the trajectory but not the images' ends
+    a = grid.crop((300, 22, 300 + 192, 22 + 192))
+    s = grid.crop((300 + 192, 22, 300 + 2 * 192, 22 + 192))
+    assert a.tobytes() != s.tobytes()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "1"], "--steps: expected an integer >= 2, got 1"),
+        (["--out", "grid.jpg"], "--out: expected a .png path"),
+        (["--repeats", "0"], "--repeats: expected a positive integer, got 0"),
+        (["--bundle", "no/such/bundle"], "--bundle: expected a bundle folder with manifest.json"),
+    ],
+)
+def test_demo_rejects_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
