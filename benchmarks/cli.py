@@ -25,7 +25,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--baseline-model", default=None, dest="baseline_model",
                    help="with --bundle: the diffusers folder it was exported from (torch backend and diffusers baseline)")
     p.add_argument("--backend", default=None,
-                   help="torch, onnxruntime or tensorrt; several comma-separated (default: torch, onnxruntime for a bundle)")
+                   help="torch, onnxruntime or tensorrt; several comma-separated (default: every CPU backend installed, "
+                        "onnxruntime running a bundle exported from the model; onnxruntime for --bundle)")
     p.add_argument("--plans", default=",".join(DEFAULT_PLANS), help="comma-separated plans (always is added first)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
@@ -33,14 +34,16 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale w")
     p.add_argument("--repeat", type=int, default=5, help="timed calls per cell")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per cell first")
-    p.add_argument("--role-repeat", type=int, default=10, dest="role_repeat", help="timed direct calls per UNet role")
+    p.add_argument("--role-repeat", type=int, default=10, dest="role_repeat", help="timed direct calls per UNet role (at least; spread over the rounds)")
     p.add_argument("--baseline", default="diffusers", choices=("diffusers", "none"))
     p.add_argument("--quality", action="store_true", help="image quality per plan and the switch-point sweep")
     p.add_argument("--sweep", default=None, help="switch fractions of the --quality sweep (default: 0.1,0.2,...,0.9)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of image 0 (image i gets seed + i)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--shapes", default="auto", choices=("auto", "yes", "no"),
+                   help="shapes-world captions and scorer: auto = for the embedded model only")
+    p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: torch's own choice, 1 when the machine is busy)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -61,7 +64,7 @@ def config_from_args(args: argparse.Namespace) -> "BenchConfig":  # noqa: F821
         model=model, bundle=args.bundle, backends=args.backend, plans=args.plans, steps=args.steps, batches=args.batch,
         scheduler=args.scheduler, repeat=args.repeat, warmup=args.warmup, baseline=args.baseline, quality=args.quality,
         guidance_scale=args.guidance, seed=args.seed, height=args.height, width=args.width, role_repeat=args.role_repeat,
-        threads=args.threads,
+        threads=args.threads, shapes=args.shapes,
     )
     if args.sweep is not None:
         cfg.sweep = parse_float_list("sweep", args.sweep)

@@ -43,6 +43,8 @@ class BenchConfig:
         sweep (`list[float]`): switch fractions of the sweep (with ``quality``).
         role_repeat (`int`): timed UNet calls per role for the ideal-speedup costs.
         threads (`int` or `None`): torch intra-op threads (``None``: leave as is).
+        shapes (`str`): ``auto`` (shapes-world captions and scorer for the embedded model only),
+            ``yes`` (for any model trained on the shapes world) or ``no``.
     """
 
     model: Optional[str] = None
@@ -63,6 +65,7 @@ class BenchConfig:
     sweep: List[float] = field(default_factory=lambda: list(SWEEP_FRACTIONS))
     role_repeat: int = 10
     threads: Optional[int] = None
+    shapes: str = "auto"
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready copy."""
@@ -180,6 +183,8 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
         raise InvalidArgumentError("baseline", "'diffusers' or 'none'", cfg.baseline)
     if cfg.threads is not None:
         cfg.threads = _check_int("threads", cfg.threads, 1, 1024)
+    if cfg.shapes not in ("auto", "yes", "no"):
+        raise InvalidArgumentError("shapes", "'auto', 'yes' or 'no'", cfg.shapes)
     for f in cfg.sweep:
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < float(f) < 1.0:
             raise InvalidArgumentError("sweep", "fractions strictly between 0 and 1", cfg.sweep)

@@ -11,6 +11,8 @@ two middle values for an even count):
 - realized speedup: median total of the ``always`` cell of the same system, backend and
   batch, divided by this cell's median total; ``realized_fraction`` = realized / ideal.
   ``loop_*`` are the same on the denoising-loop time alone.
+- expected time ``ideal_total_s``: the ``always`` cell's median total minus the UNet time the
+  plan saves, ``n_late * (C - L)``; ``saved_fraction_of_ideal`` = time actually saved / that.
 - host overhead per step: per call, ``(loop - unet_cfg - unet_late) / steps`` (scheduler
   update and Python work of the loop); its median over calls.
 - ``speedup_vs_diffusers_always``: median total of diffusers' always-CFG pipeline at the same
@@ -98,8 +100,12 @@ def derive(results: Dict[str, Any]) -> Dict[str, Any]:
         ref_loop = ref["stage_median_s"].get("loop") if ref else None
         stats["loop_speedup"] = _ratio(ref_loop, stats["stage_median_s"].get("loop"))
         stats["loop_realized_fraction"] = _ratio(stats["loop_speedup"], stats["ideal_speedup"])
-        ideal_time = _ratio(ref["total_median_s"], stats["ideal_speedup"]) if ref else None
-        stats["ideal_total_s"] = ideal_time
+        # Expected time: the always cell's time minus the UNet time the plan saves, late * (C - L).
+        saved = cell["late_steps"] * (role["cfg_median_s"] - role["late_median_s"]) if role is not None else None
+        stats["ideal_saved_s"] = saved
+        stats["ideal_total_s"] = ref["total_median_s"] - saved if ref is not None and saved is not None else None
+        realized_saved = ref["total_median_s"] - stats["total_median_s"] if ref is not None else None
+        stats["saved_fraction_of_ideal"] = _ratio(realized_saved, saved) if saved else None
         d_id = diffusers_always.get(cell["batch"])
         d_total = cells[d_id]["total_median_s"] if d_id is not None else None
         stats["speedup_vs_diffusers_always"] = _ratio(d_total, stats["total_median_s"])

@@ -150,7 +150,9 @@ class CompiledUNet:
     def __init__(self, module: AddedCondUNet) -> None:
         self.module = module
         self.dtype = module.dtype
-        self._fn = torch.compile(module, mode="reduce-overhead", dynamic=False)
+        # dynamic=None: the first new row count recompiles once with a symbolic batch; CUDA graphs
+        # are still recorded per shape. Four static compiles would cost minutes more.
+        self._fn = torch.compile(module, mode="reduce-overhead")
 
     @torch.no_grad()
     def __call__(self, sample, timestep, encoder_hidden_states, return_dict: bool = False):

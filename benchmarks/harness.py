@@ -3,7 +3,8 @@
 Stages of :func:`run_benchmark`:
 
 1. check the configuration, load one sampler per backend (and the diffusers pipeline);
-2. time the UNet roles directly (half before the rounds, half after, so drift shows in both);
+2. time the UNet roles directly, as pseudo-cells of the same rotation (``ceil(role_repeat / repeat)``
+   calls of each role per round);
 3. run ``warmup + repeat`` rounds; each round calls every cell once, A B A B, starting at
    another cell each round; warm-up rounds are not recorded;
 4. compare images (always), and with ``quality`` run the switch-point sweep and the scorer;
@@ -12,6 +13,7 @@ Stages of :func:`run_benchmark`:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -25,12 +27,10 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from cfgswitch.plans import GuidancePlan
-
 from .baseline import DiffusersBaseline, baseline_plans, baseline_switch_step
 from .config import BenchConfig, check_config
 from .derive import derive
-from .machine import machine_info
+from .machine import busy_machine_note, machine_info
 from .measure import interleaved, role_inputs, sampler_call, time_roles
 from .quality import compare, is_embedded_model, prompts_for, scorer_accuracy
 
@@ -122,19 +122,25 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True, argv: Optional[List[s
     """
     cfg = check_config(cfg)
     threads_before = torch.get_num_threads()
+    notes: List[str] = []
+    if cfg.threads is None:
+        busy = busy_machine_note(threads_before)
+        if busy is not None:
+            logger.warning(busy)
+            notes.append(busy)
+            cfg = dataclasses.replace(cfg, threads=1)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, progress, argv)
+        return _run(cfg, progress, argv, notes)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(cfg: BenchConfig, progress: bool, argv: Optional[List[str]]) -> "tuple[Dict[str, Any], Dict[str, np.ndarray]]":
+def _run(cfg: BenchConfig, progress: bool, argv: Optional[List[str]], notes: List[str]) -> "tuple[Dict[str, Any], Dict[str, np.ndarray]]":
     from cfgswitch.default_model import resolve_model
 
     started = time.perf_counter()
-    notes: List[str] = []
     # 1. Models.
     model_dir = resolve_model(cfg.model) if (cfg.model is not None or cfg.bundle is None) else None
     with tempfile.TemporaryDirectory(prefix="cfgswitch-bench-") as work:
@@ -150,7 +156,8 @@ def _measure(cfg: BenchConfig, progress: bool, argv: Optional[List[str]], starte
     height = cfg.height or first.spec.default_size
     width = cfg.width or first.spec.default_size
     embedded = is_embedded_model(model_dir)
-    prompts, scenes, prompt_source = prompts_for(max(cfg.batches), embedded, cfg.seed)
+    shapes = cfg.shapes == "yes" or (cfg.shapes == "auto" and embedded)
+    prompts, scenes, prompt_source = prompts_for(max(cfg.batches), shapes, cfg.seed)
     seeds = [cfg.seed + i for i in range(max(cfg.batches))]
     baseline = _make_baseline(cfg, samplers, model_dir, notes)
     cells = _make_cells(cfg, baseline is not None)
@@ -158,7 +165,20 @@ def _measure(cfg: BenchConfig, progress: bool, argv: Optional[List[str]], starte
     if skipped:
         notes.append(f"diffusers baseline not run for {', '.join(skipped)}: its CFG cutoff only ends CFG once, at a step")
 
-    def call(cell: Cell, rnd: int) -> None:
+    # 2. Role costs: one pseudo-cell per backend and batch in the same rotation as the cells, so
+    # drift hits the direct UNet timings as it hits the calls they are compared with.
+    role_in = {(b, n): role_inputs(s, prompts[:n], cfg.steps, cfg.scheduler, cfg.guidance_scale, height, width, cfg.seed)
+               for b, s in samplers.items() for n in cfg.batches}
+    roles = {key: ([], []) for key in role_in}
+    per_round = math.ceil(cfg.role_repeat / cfg.repeat)
+
+    def call(cell: Any, rnd: int) -> None:
+        if isinstance(cell, tuple):  # a role pseudo-cell (backend, batch)
+            c, late = time_roles(samplers[cell[0]], role_in[cell], per_round, warmup=0)
+            if rnd >= cfg.warmup:
+                roles[cell][0].extend(c)
+                roles[cell][1].extend(late)
+            return
         n = cell.batch
         if cell.system == "diffusers":
             timings, images = baseline(prompts[:n], seeds[:n], cell.plan, cfg.steps, cfg.guidance_scale, height, width)
@@ -177,24 +197,11 @@ def _measure(cfg: BenchConfig, progress: bool, argv: Optional[List[str]], starte
         if rnd >= cfg.warmup:
             cell.calls.append(timings)
 
-    # 2-3. Role costs around the interleaved rounds.
-    role_in = {(b, n): role_inputs(s, prompts[:n], cfg.steps, cfg.scheduler, cfg.guidance_scale, height, width, cfg.seed)
-               for b, s in samplers.items() for n in cfg.batches}
-    roles = {key: ([], []) for key in role_in}
-    first_half = math.ceil(cfg.role_repeat / 2)
-
-    def measure_roles(count: int) -> None:
-        for (b, n), inputs in role_in.items():
-            if count:
-                c, late = time_roles(samplers[b], inputs, count)
-                roles[(b, n)][0].extend(c)
-                roles[(b, n)][1].extend(late)
-
-    measure_roles(first_half)
+    # 3. The interleaved rounds (the first ``warmup`` are not recorded).
+    rotation: List[Any] = list(cells) + list(role_in)
     rounds = cfg.warmup + cfg.repeat
-    with tqdm(total=rounds * len(cells), desc="bench", unit="call", disable=not progress, file=sys.stderr) as bar:
-        interleaved(cells, rounds, call, bar)
-    measure_roles(cfg.role_repeat - first_half)
+    with tqdm(total=rounds * len(rotation), desc="bench", unit="call", disable=not progress, file=sys.stderr) as bar:
+        interleaved(rotation, rounds, call, bar)
 
     # 4. Quality.
     quality = _quality(cfg, cells, scenes, notes)
@@ -204,7 +211,7 @@ def _measure(cfg: BenchConfig, progress: bool, argv: Optional[List[str]], starte
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": _scrub(list(argv)) if argv is not None else None,
         "machine": machine_info(),
-        "config": cfg.to_dict(),
+        "config": _scrub(cfg.to_dict()),
         "model": {
             "source": _display_path(Path(cfg.bundle) if model_dir is None else model_dir), "embedded": embedded,
             "spec": {k: getattr(first.spec, k) for k in ("latent_channels", "vae_scale_factor", "sample_size", "text_length", "text_width")},
@@ -296,7 +303,7 @@ def _quality(cfg: BenchConfig, cells: List[Cell], scenes: Optional[List[Any]], n
             else:
                 out["scorer"][c.id] = acc
     if scenes is None:
-        notes.append("scorer accuracies: only on the embedded shapes model (not this model)")
+        notes.append("scorer accuracies: only for a shapes-world model (the embedded one, or --shapes yes)")
     return out
 
 

@@ -15,7 +15,6 @@ Usage: ``python -m cfgswitch.benchmarks.kernels_bench [--device cpu|cuda] [--jso
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import statistics
@@ -96,6 +95,40 @@ def host_time_per_step(device: str, steps: int, repeats: int, batches: List[int]
     return rows
 
 
+def loop_scheduler_stage(device: str, steps: int, repeats: int) -> List[Dict]:
+    """The loop's ``scheduler`` stage per step (host work between UNet calls), tiny random UNet.
+
+    The tiny model runs at SD 1.5's latent size (4x64x64); the stage holds ``scale_model_input``,
+    the update (and, for the adaptive plan, the cosine read by the host).
+    """
+    from cfgswitch import Sampler
+    from cfgswitch.loop import LoopRequest, denoise
+    from cfgswitch.plans import GuidancePlan
+    from cfgswitch.timing import StageTimer
+    from cfgswitch.tiny_model import tiny_pipeline
+
+    sampler = Sampler.from_diffusers(tiny_pipeline(seed=0), device=device)
+    cond, uncond, _ = sampler._encode(["a red fox in the snow"], [""], 1)
+    rows = []
+    for name in SCHEDULERS:
+        for plan in ("switch:0.5", "adaptive:0.99999"):
+            row = {"scheduler": name, "plan": plan}
+            for kind in ("reference", "fused"):
+                times = []
+                for _ in range(repeats + 1):  # the first run fills the coefficient cache
+                    req = LoopRequest(cond=cond, uncond=uncond, steps=steps, guidance_scale=7.5, scheduler=name,
+                                      plan=GuidancePlan.parse(plan), seeds=[0], latent_shape=(4, 64, 64),
+                                      step_kernel=kind)
+                    timer = StageTimer(sampler.device)
+                    denoise(sampler.runners, sampler.scheduler_config, req, timer)
+                    times.append(timer.totals()["scheduler"] / steps)
+                row[f"{kind}_us"] = statistics.median(times[1:]) * 1e6
+            row["speedup"] = row["reference_us"] / row["fused_us"]
+            rows.append(row)
+            logger.info("%s", row)
+    return rows
+
+
 def cuda_kernel_timings(repeats: int = 200) -> List[Dict]:
     """Per-call time of the CUDA kernel vs torch ops, and its max difference from the oracle."""
     from cfgswitch.kernels import StepForm, guide_and_step, guide_and_step_reference, pack_params, pack_rows
@@ -166,8 +199,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
     parser.add_argument("--sizes", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
+    parser.add_argument("--loop", action="store_true", help="also time the loop's scheduler stage (tiny UNet)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     batches = [int(b) for b in args.batches.split(",")]
     sizes = [s.strip() for s in args.sizes.split(",")]
@@ -178,6 +215,10 @@ def main(argv=None) -> int:
     result["host_time_per_step"] = host_time_per_step(args.device, args.steps, args.repeats, batches, sizes)
     print(f"## Host time per step (us), {args.device}, {args.steps}-step trajectories, median of {args.repeats}\n")
     print(_table(result["host_time_per_step"]))
+    if args.loop:
+        result["loop_scheduler_stage"] = loop_scheduler_stage(args.device, args.steps, args.repeats)
+        print(f"\n## The loop's scheduler stage per step (us), tiny UNet at 4x64x64, batch 1\n")
+        print(_table(result["loop_scheduler_stage"]))
     if args.device == "cuda":
         result["cuda_kernel"] = cuda_kernel_timings()
         print("\n## CUDA kernel per call vs torch ops (us), max differences from the float32 oracle\n")

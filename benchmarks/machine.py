@@ -54,26 +54,57 @@ def gpu_info() -> Optional[Dict[str, Any]]:
     }
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def busy_machine_note(threads: int) -> Optional[str]:
+    """Why to time with one thread, or ``None``: the 1-minute load average already fills every core.
+
+    On a busy machine, OpenMP threads that spin while they wait for each other take CPU time
+    from the thread doing the work: a run with 2 threads was 10-20x slower than with 1 on this
+    project's shared 2-core machine (with ``OMP_WAIT_POLICY=PASSIVE`` set before start, only ~1.2x).
+    """
+    if threads <= 1:
+        return None
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not available
+        return None
+    cores = usable_cores()
+    if load < cores:
+        return None
+    return (f"the machine was busy (1-min load average {load:.1f} on {cores} cores): timed with 1 thread instead of "
+            f"{threads}, since spinning OpenMP threads of a busy machine slow every call many times over; "
+            "pass --threads N to choose")
+
+
 def machine_info() -> Dict[str, Any]:
     """The ``machine`` block of ``results.json``."""
     import torch
 
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        affinity = os.cpu_count()
+    affinity = usable_cores()
     mem_gib = None
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemTotal:"):
                 mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not available
+        load = None
     return {
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": affinity,
         "torch_threads": torch.get_num_threads(),
         "memory_gib": mem_gib,
+        "load_average_1_5_15min": load,
         "gpu": gpu_info(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
@@ -81,4 +112,4 @@ def machine_info() -> Dict[str, Any]:
     }
 
 
-__all__ = ["LIBRARIES", "cpu_model", "gpu_info", "library_versions", "machine_info"]
+__all__ = ["LIBRARIES", "busy_machine_note", "usable_cores", "cpu_model", "gpu_info", "library_versions", "machine_info"]

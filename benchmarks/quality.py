@@ -80,9 +80,9 @@ def shapes_prompts(count: int, seed: int = 0) -> Optional[Tuple[List[str], List[
     return [c for _, c in pairs], [s for s, _ in pairs]
 
 
-def prompts_for(count: int, embedded: bool, seed: int = 0) -> Tuple[List[str], Optional[List[Any]], str]:
-    """Prompts for ``count`` images, their scenes (embedded model only) and where they came from."""
-    if embedded:
+def prompts_for(count: int, shapes: bool, seed: int = 0) -> Tuple[List[str], Optional[List[Any]], str]:
+    """Prompts for ``count`` images, their scenes (``shapes``: a shapes-world model) and where they came from."""
+    if shapes:
         got = shapes_prompts(count, seed)
         if got is not None:
             return got[0], got[1], "shapes world captions (cfgswitch.shapes.captions.sample_captioned)"

@@ -70,10 +70,10 @@ def cells_table(results: Dict[str, Any], sweep: bool = False) -> str:
                      _ms(st.get("text")), _ms(st.get("unet_cfg")), _ms(st.get("unet_late")), _ms(st.get("scheduler")),
                      _ms(st.get("vae")), None if s.get("host_overhead_per_step_s") is None else f"{s['host_overhead_per_step_s'] * 1e3:.3f}",
                      _x(s["ideal_speedup"]), _x(s["realized_speedup"]), _pct(s["realized_fraction"]),
-                     _x(s["speedup_vs_diffusers_always"])])
+                     _pct(s["saved_fraction_of_ideal"]), _x(s["speedup_vs_diffusers_always"])])
     header = ["system", "backend", "plan", "batch", "cfg/late", "UNet rows", "median ms", "min ms", "max ms", "img/s",
               "text ms", "unet_cfg ms", "unet_late ms", "sched ms", "vae ms", "host ms/step", "ideal", "realized",
-              "real/ideal", "vs diffusers"]
+              "real/ideal", "saved/ideal saved", "vs diffusers"]
     return md_table(header, rows)
 
 
@@ -102,7 +102,11 @@ def _quality_tables(results: Dict[str, Any]) -> List[str]:
                      + md_table(["diffusers cell", "cfgswitch cell", "mean L1", "max abs"], rows))
     if q.get("cells"):
         rows = []
+        main_plans = set(results["config"]["plans"])
+        plan_of = {c["id"]: c["plan"] for c in results["cells"]}
         for cid, v in q["cells"].items():
+            if plan_of.get(cid) not in main_plans:
+                continue  # sweep-only cells: see the sweep table
             acc = q.get("scorer", {}).get(cid)
             rows.append([cid, f"{v['l1_mean']:.4f}", "identical" if v["psnr_mean_db"] is None else f"{v['psnr_mean_db']:.1f}",
                          None if acc is None else f"{acc['all_attributes']:.2f}",
@@ -127,7 +131,8 @@ def report_markdown(results: Dict[str, Any], plots: Sequence[str] = ()) -> str:
         f"# cfgswitch benchmark: {results['model']['source']}",
         "",
         f"- machine: {m['cpu_model']}, {m['cpu_cores']} cores (torch threads: {m['torch_threads']}), "
-        f"{m.get('memory_gib')} GiB; GPU: {gpu['name'] if gpu else 'none'}",
+        f"{m.get('memory_gib')} GiB; GPU: {gpu['name'] if gpu else 'none'}; load average at the end "
+        f"{m.get('load_average_1_5_15min')} (1/5/15 min)",
         f"- libraries: {libs}",
         f"- run: {results['created_utc']}, {results['elapsed_s']:.1f} s; command: `{' '.join(results['argv'] or ['(library call)'])}`",
         f"- model: {results['model']['source']}, {results['model']['height']}x{results['model']['width']} px; "
@@ -180,7 +185,7 @@ def _sweep_table(results: Dict[str, Any]) -> str:
             rows.append([point["fraction"], backend, _ms(s["total_median_s"]), _ms(s["ideal_total_s"]), _x(s["ideal_speedup"]),
                          _x(s["realized_speedup"]), None if cid not in q else f"{q[cid]['l1_mean']:.4f}",
                          None if psnr is None else f"{psnr:.1f}", None if acc is None else f"{acc['all_attributes']:.2f}"])
-    return md_table(["switch at", "backend", "median ms", "ideal ms", "ideal", "realized", "L1", "PSNR dB", "scorer all"], rows)
+    return md_table(["switch at", "backend", "median ms", "expected ms", "ideal", "realized", "L1", "PSNR dB", "scorer all"], rows)
 
 
 def write_results(results: Dict[str, Any], images: Dict[str, Any], out_dir: "str | Path") -> Dict[str, Path]:

@@ -1,9 +1,11 @@
 """Serving benchmark (not a test): requests per second of ``cfgswitch serve`` at concurrency 1 and 8,
 and the served latency over the direct ``Sampler.generate`` latency at concurrency 1.
 
-It starts ``cfgswitch serve`` as a subprocess on free loopback ports, times direct
-generation in this process first (while the server is idle), then the served requests.
-Each request is one image. Run::
+It starts ``cfgswitch serve`` as a subprocess on free loopback ports and sends
+``--requests`` one-image requests at each ``--concurrency``. Direct ``generate`` latency is
+measured in a fresh process that does nothing else (as the server's), in a worker thread
+(as PyTriton runs the model), before and after the served runs, to bracket load drift on a
+shared machine. Run::
 
     python -m cfgswitch.benchmarks.serving_bench --steps 20 --requests 32 --out serving.json
 
@@ -17,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -33,14 +37,36 @@ def _percentile(values: List[float], q: float) -> float:
 
 
 def time_direct(sampler: Any, steps: int, plan: str, n: int, size: Optional[int]) -> List[float]:
-    """Seconds of ``n`` one-image ``generate`` calls (after one warm-up call)."""
-    sampler.generate(["warm up"], steps=steps, plan=plan, seed=[0], height=size, width=size, output_type="np")
-    out = []
-    for i in range(n):
-        t = time.perf_counter()
-        sampler.generate([f"direct {i}"], steps=steps, plan=plan, seed=[i], height=size, width=size, output_type="np")
-        out.append(time.perf_counter() - t)
+    """Seconds of ``n`` one-image ``generate`` calls after one warm-up call, in a worker thread
+    (as the server runs them: PyTriton calls the model from a thread)."""
+    out: List[float] = []
+
+    def work() -> None:
+        sampler.generate(["warm up"], steps=steps, plan=plan, seed=[0], height=size, width=size, output_type="np")
+        for i in range(n):
+            t = time.perf_counter()
+            sampler.generate([f"direct {i}"], steps=steps, plan=plan, seed=[i], height=size, width=size, output_type="np")
+            out.append(time.perf_counter() - t)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
     return out
+
+
+def direct_in_subprocess(model: str, backend: Optional[str], steps: int, plan: str, n: int,
+                         size: Optional[int]) -> List[float]:
+    """:func:`time_direct` in a fresh process that does nothing else, as the server's process."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "cfgswitch.benchmarks.serving_bench", "--direct-worker", "--model", model,
+           "--steps", str(steps), "--plan", plan, "--requests", str(n)]
+    if backend:
+        cmd += ["--backend", backend]
+    if size:
+        cmd += ["--size", str(size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def time_served(url: str, protocol: str, steps: int, plan: str, n: int, concurrency: int,
@@ -83,7 +109,6 @@ def time_served(url: str, protocol: str, steps: int, plan: str, n: int, concurre
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the benchmark; returns the report."""
-    from cfgswitch import Sampler
     from cfgswitch.serving.process import start_serve
 
     work = Path(tempfile.mkdtemp(prefix="cfgswitch-serving-bench-"))
@@ -92,9 +117,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         from cfgswitch.tiny_model import save_tiny_model
 
         model = str(save_tiny_model(work / "tiny"))
-    sampler = Sampler.load(model, backend=args.backend)
-    direct = time_direct(sampler, args.steps, args.plan, args.requests, args.size)
-    del sampler
+    before = direct_in_subprocess(model, args.backend, args.steps, args.plan, args.requests, args.size)
     extra = ["--max-queue-delay-us", str(args.max_queue_delay_us), "--max-batch", str(args.max_batch)]
     if args.backend:
         extra += ["--backend", args.backend]
@@ -106,22 +129,30 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                   for c in args.concurrency]
     finally:
         code = server.stop()
+    after = direct_in_subprocess(model, args.backend, args.steps, args.plan, args.requests, args.size)
+    direct_median = statistics.median(before + after)
     c1 = next((s for s in served if s["concurrency"] == 1), None)
-    direct_median = statistics.median(direct)
     report = {
         "model": "tiny random-weight model" if args.model is None else str(args.model),
         "backend": args.backend or "default", "steps": args.steps, "plan": args.plan, "size": args.size,
         "protocol": args.protocol, "max_batch": args.max_batch, "max_queue_delay_us": args.max_queue_delay_us,
-        "direct_latency_median_s": direct_median, "direct_requests_per_s": 1.0 / direct_median,
-        "served": served,
+        "direct_latency_median_s": direct_median, "direct_latency_median_before_s": statistics.median(before),
+        "direct_latency_median_after_s": statistics.median(after),
         "served_over_direct_latency_c1": (c1["latency_median_s"] / direct_median) if c1 else None,
-        "server_exit_code": code,
+        "served": served, "server_exit_code": code, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
     return report
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Command line entry."""
+    # OpenMP threads that spin while waiting make torch on a busy (shared) CPU up to 50x slower
+    # and the timings meaningless; this process and the server it starts both wait passively.
+    # OpenMP reads the policy when torch loads (importing cfgswitch did), hence the re-exec.
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        args = sys.argv[1:] if argv is None else list(argv)
+        os.execv(sys.executable, [sys.executable, "-m", "cfgswitch.benchmarks.serving_bench", *args])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="diffusers folder or bundle (default: the tiny random model)")
     p.add_argument("--backend", default=None, help="backend for the model (default: the best installed)")
@@ -134,14 +165,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
     p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.add_argument("--direct-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.direct_worker:
+        from cfgswitch import Sampler
+
+        sampler = Sampler.load(args.model, backend=args.backend)
+        print(json.dumps(time_direct(sampler, args.steps, args.plan, args.requests, args.size)))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = run(args)
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text)
     print(text)
-    print(f"direct latency (median): {report['direct_latency_median_s'] * 1e3:.1f} ms")
+    print(f"direct generate latency (median, before and after serving): {report['direct_latency_median_s'] * 1e3:.1f} ms")
     for s in report["served"]:
         print(f"concurrency {s['concurrency']}: {s['requests_per_s']:.2f} req/s, median latency "
               f"{s['latency_median_s'] * 1e3:.1f} ms, p90 {s['latency_p90_s'] * 1e3:.1f} ms, errors {len(s['errors'])}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cfgswitch.kernels import (
     HAS_COMPILED,
     GuideStepResult,
+    StepForm,
     cfg_combine,
     compiled_available,
     guide_and_step,
@@ -14,6 +15,7 @@ from cfgswitch.kernels import (
 __all__ = [
     "HAS_COMPILED",
     "GuideStepResult",
+    "StepForm",
     "cfg_combine",
     "compiled_available",
     "guide_and_step",

@@ -153,6 +153,7 @@ class Sampler:
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
         progress: bool = False,
+        step_kernel: str = "auto",
     ) -> GenerationOutput:
         """Generate images; see DESIGN.md section 4 for the data flow.
 
@@ -170,6 +171,10 @@ class Sampler:
             num_images_per_prompt (`int`, defaults to 1): images per prompt.
             output_type (`str`, defaults to ``"pil"``): ``pil``, ``np`` or ``latent``.
             progress (`bool`, defaults to False): show a progress bar over the steps.
+            step_kernel (`str`, defaults to ``"auto"``): ``auto`` uses the fused guide-and-step op
+                where it covers the scheduler and device (``GenerationOutput.step_kernel`` says
+                which ran), ``reference`` forces diffusers' ``scheduler.step``, ``fused`` requires
+                the fused op.
         """
         timer = StageTimer(self.runners.device)
         t_start = time.perf_counter()
@@ -187,6 +192,8 @@ class Sampler:
         height = v.check_size("height", self.spec.default_size if height is None else height, factor)
         width = v.check_size("width", self.spec.default_size if width is None else width, factor)
         output_type = v.check_output_type(output_type)
+        if step_kernel not in ("auto", "fused", "reference"):
+            raise InvalidArgumentError("step_kernel", "'auto', 'fused' or 'reference'", step_kernel)
         if self.runners.check_request is not None:
             self.runners.check_request(batch=batch, height=height, width=width)
 
@@ -198,7 +205,7 @@ class Sampler:
         request = LoopRequest(
             cond=cond, uncond=uncond, steps=steps, guidance_scale=guidance, scheduler=scheduler,
             plan=guidance_plan, seeds=seeds, latent_shape=(self.spec.latent_channels, height // factor, width // factor),
-            progress=progress,
+            progress=progress, step_kernel=step_kernel,
         )
         loop = denoise(self.runners, self.scheduler_config, request, timer)
 

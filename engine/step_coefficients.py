@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from cfgswitch.kernels import StepForm
+from .kernels_bridge import StepForm
 
 Coefficients = Tuple[float, float, float, float, float, float]
 

@@ -103,19 +103,34 @@ class FusedStepper:
         device (`torch.device`): where latents live.
         impl (`str`, defaults to ``"compiled"``): ``compiled`` or ``reference`` (the torch oracle
             of the kernel, for tests).
+        schedule (`str`, optional): :func:`schedule_key` of ``scheduler``, when already known.
     """
 
     kernel = "fused"
 
-    def __init__(self, scheduler, weights: torch.Tensor, device: torch.device, impl: str = "compiled") -> None:
+    def __init__(
+        self, scheduler, weights: torch.Tensor, device: torch.device, impl: str = "compiled", schedule: Optional[str] = None
+    ) -> None:
         self.scheduler = scheduler
         self.device = torch.device(device)
         self.impl = impl
         self.batch = int(weights.shape[0])
         self._weights = tuple(float(w) for w in weights.detach().to("cpu", torch.float32))
-        self._schedule = schedule_key(scheduler)
+        self._schedule = schedule if schedule is not None else schedule_key(scheduler)
         self._multistep = hasattr(scheduler, "model_outputs")
         self._rows: Dict[Tuple[int, bool], torch.Tensor] = {}
+        # Inputs the kernel cannot take (another dtype or device than the latents) go through
+        # scheduler.step, which keeps the scheduler's state as the fused steps do.
+        self._fallback = ReferenceStepper(scheduler, weights, [])
+        self._served: Dict[tuple, bool] = {}
+
+    def _kernel_serves(self, latents: torch.Tensor) -> bool:
+        if self.impl != "compiled":
+            return True
+        key = (latents.device, latents.dtype)
+        if key not in self._served:
+            self._served[key] = compiled_available(latents.device, latents.dtype)
+        return self._served[key]
 
     def _rows_for(self, form: int, guided: bool) -> torch.Tensor:
         key = (form, guided)
@@ -146,9 +161,18 @@ class FusedStepper:
     def _run(self, pred: torch.Tensor, t, latents: torch.Tensor, guided: bool, want_cosine: bool):
         sch = self.scheduler
         key = step_key(sch, t)
+        prev = previous_x0(sch, key)
+        if (
+            pred.dtype != latents.dtype
+            or pred.device != latents.device
+            or (prev is not None and (prev.dtype != latents.dtype or prev.device != latents.device))
+            or not self._kernel_serves(latents)
+        ):
+            if guided:
+                return self._fallback.guide_and_step(pred, t, latents, want_cosine)
+            return self._fallback.step(pred, t, latents), None
         form, params = self._params_for(key, guided)
         rows = self._rows_for(form, guided)
-        prev = previous_x0(sch, key)
         if self.impl == "compiled":
             result = guide_and_step(pred, latents, rows, params, prev, want_x0=self._multistep,
                                     want_cosine=want_cosine, impl="compiled", check_rows=False)
@@ -179,7 +203,7 @@ def _reference_op(pred, sample, rows, params, prev, *, want_x0, want_cosine):
 _PROBED: Dict[str, bool] = {}
 
 
-def coefficients_agree(scheduler, rtol: float = 1e-5) -> bool:
+def coefficients_agree(scheduler, rtol: float = 1e-5, key: Optional[str] = None) -> bool:
     """Whether fused stepping reproduces ``scheduler.step`` on this exact schedule.
 
     A fresh copy of ``scheduler`` (right after ``set_timesteps``) runs every step twice on small
@@ -187,7 +211,7 @@ def coefficients_agree(scheduler, rtol: float = 1e-5) -> bool:
     extracts (through the torch oracle of the kernel). It guards against a diffusers release that
     changes a step's formula; the answer is cached per scheduler class, config and timesteps.
     """
-    key = schedule_key(scheduler)
+    key = key if key is not None else schedule_key(scheduler)
     if key in _PROBED:
         return _PROBED[key]
     ref_s, fused_s = copy.deepcopy(scheduler), copy.deepcopy(scheduler)
@@ -196,13 +220,15 @@ def coefficients_agree(scheduler, rtol: float = 1e-5) -> bool:
     x_ref = torch.randn(shape, generator=gen) * float(ref_s.init_noise_sigma)
     x_fused = x_ref.clone()
     ref = ReferenceStepper(ref_s, torch.ones(1), [torch.Generator("cpu").manual_seed(0)])
-    fused = FusedStepper(fused_s, torch.ones(1), torch.device("cpu"), impl="reference")
+    fused = FusedStepper(fused_s, torch.ones(1), torch.device("cpu"), impl="reference", schedule=key)
     ok = True
     try:
-        for t in ref_s.timesteps:
+        for t in ref_s.timesteps.cpu():
             eps = torch.randn(shape, generator=gen)
-            x_ref = ref.step(eps, t, ref_s.scale_model_input(x_ref, t))
-            x_fused = fused.step(eps, t, fused_s.scale_model_input(x_fused, t))
+            ref_s.scale_model_input(x_ref, t)  # as the loop calls it (Euler sets its step index here)
+            fused_s.scale_model_input(x_fused, t)
+            x_ref = ref.step(eps, t, x_ref)
+            x_fused = fused.step(eps, t, x_fused)
             scale = float(x_ref.abs().max()) + 1.0
             if not torch.isfinite(x_fused).all() or float((x_ref - x_fused).abs().max()) > rtol * scale:
                 ok = False
@@ -247,10 +273,11 @@ def make_stepper(
     reason = fused_support(scheduler)
     if reason is None and not compiled_available(device, dtype):
         reason = f"no compiled guide_and_step kernel for {str(dtype).replace('torch.', '')} on {torch.device(device).type}"
-    if reason is None and not coefficients_agree(scheduler):
+    schedule = schedule_key(scheduler) if reason is None else None
+    if reason is None and not coefficients_agree(scheduler, key=schedule):
         reason = f"the installed diffusers' {type(scheduler).__name__}.step no longer matches the fused coefficients"
     if reason is None:
-        return FusedStepper(scheduler, weights, device)
+        return FusedStepper(scheduler, weights, device, schedule=schedule)
     if step_kernel == "fused":
         raise BackendUnavailableError(f"step_kernel: the fused op cannot run here: {reason}")
     logger.debug("reference stepping: %s", reason)

@@ -121,7 +121,9 @@ def cuda_library() -> Optional[ctypes.CDLL]:
         logger.warning("cannot load %s: %s", path, e)
         return None
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.cfgswitch_guide_and_step_cuda.argtypes = [vp, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int, vp, vp]
+    lib.cfgswitch_guide_and_step_cuda.argtypes = [
+        vp, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int, vp, vp, ctypes.c_int
+    ]
     lib.cfgswitch_guide_and_step_cuda.restype = ctypes.c_int
     lib.cfgswitch_guide_and_step_workspace_bytes.argtypes = [i64]
     lib.cfgswitch_guide_and_step_workspace_bytes.restype = i64
@@ -202,6 +204,7 @@ def guide_and_step(
     out: Optional[torch.Tensor] = None,
     impl: str = "auto",
     check_rows: bool = True,
+    threads: int = 0,
 ) -> GuideStepResult:
     """Combine the predictions, apply the scheduler update and (optionally) the cosine, in one pass.
 
@@ -220,6 +223,8 @@ def guide_and_step(
         check_rows (`bool`, defaults to True): check the row indices and forms of CPU ``rows``
             (the CPU kernel checks them again; the CUDA kernel cannot); callers that built
             ``rows`` themselves may skip it.
+        threads (`int`, defaults to 0): CPU kernel threads; 0 uses one thread below 2**20
+            elements per call and OpenMP's default above.
     """
     if impl not in ("auto", "compiled", "reference"):
         raise ValueError(f"impl: expected 'auto', 'compiled' or 'reference', got {impl!r}")
@@ -251,7 +256,7 @@ def guide_and_step(
     if dev.type == "cpu":
         _cpu_module().guide_and_step_f32(
             addr(pred_c), addr(rows_d), addr(params_d), addr(sample_c), addr(prev_c), addr(target), addr(x0),
-            addr(cosine), batch, per_image, pred_c.shape[0],
+            addr(cosine), batch, per_image, pred_c.shape[0], int(threads),
         )
     else:
         lib = cuda_library()
@@ -260,6 +265,7 @@ def guide_and_step(
         rc = lib.cfgswitch_guide_and_step_cuda(
             addr(pred_c), addr(rows_d), addr(params_d), addr(sample_c), addr(prev_c), addr(target), addr(x0),
             addr(cosine), batch, per_image, pred_c.shape[0], _CUDA_DTYPES[sample.dtype], addr(ws), stream,
+            dev.index if dev.index is not None else torch.cuda.current_device(),
         )
         if rc != 0:
             raise RuntimeError(f"guide_and_step (CUDA): {lib.cfgswitch_cuda_error_string(rc).decode()}")

@@ -79,6 +79,9 @@ def test_derive_by_hand():
     assert s["realized_speedup"] == pytest.approx(0.95 / 0.75)  # always: median of 0.9 and 1.0
     assert s["realized_fraction"] == pytest.approx((0.95 / 0.75) / (4 / 3))
     assert s["loop_speedup"] == pytest.approx(0.87 / 0.66)
+    # UNet time saved: 5 late steps x (0.09 - 0.045); saved end to end: 0.95 - 0.75
+    assert s["ideal_saved_s"] == pytest.approx(0.225) and s["ideal_total_s"] == pytest.approx(0.95 - 0.225)
+    assert s["saved_fraction_of_ideal"] == pytest.approx(0.2 / 0.225)
     # host overhead per step: median of (0.01, 0.02, 0.01) / 10
     assert s["host_overhead_per_step_s"] == pytest.approx(0.001)
     assert s["images_per_s"] == pytest.approx(2 / 0.75)

@@ -115,6 +115,7 @@ def test_multi_call_schedulers_refused(tiny_sampler, name):
         (dict(plan="nonsense"), "plan", "a plan string"),
         (dict(output_type="tensor"), "output_type", "'pil', 'np' or 'latent'"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt", "an integer in"),
+        (dict(step_kernel="fast"), "step_kernel", "'auto', 'fused' or 'reference'"),
     ],
 )
 def test_bad_input(tiny_sampler, kwargs, argument, fragment):
@@ -168,3 +169,13 @@ def test_saved_folder_matches_pipeline(tiny_pipe, tiny_model_dir):
     a = Sampler.from_diffusers(tiny_pipe).generate(["x"], steps=3, seed=1, output_type="np").images
     b = Sampler.from_diffusers(tiny_model_dir).generate(["x"], steps=3, seed=1, output_type="np").images
     assert np.abs(a - b).max() == 0.0
+
+
+def test_step_kernel_choice_is_reported(tiny_sampler):
+    ref = tiny_sampler.generate(["x"], steps=4, plan="switch:0.5", step_kernel="reference", output_type="latent")
+    auto = tiny_sampler.generate(["x"], steps=4, plan="switch:0.5", step_kernel="auto", output_type="latent")
+    assert ref.step_kernel == "reference"
+    from cfgswitch.kernels import HAS_COMPILED
+
+    assert auto.step_kernel == ("fused" if HAS_COMPILED else "reference")
+    assert torch.allclose(ref.latents, auto.latents, atol=1e-6, rtol=0)

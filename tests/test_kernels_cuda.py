@@ -51,7 +51,8 @@ def cuda_kernels(tmp_path_factory):
     from cfgswitch.kernels import guide_step
 
     if guide_step.has_cuda_kernels() and guide_step.cuda_library() is not None:
-        return guide_step
+        yield guide_step
+        return
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("libcfgswitch_cuda.so is not built and no nvcc exists to build it (tools/dev_install.py --cuda)")

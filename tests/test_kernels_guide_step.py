@@ -56,13 +56,16 @@ def test_compiled_matches_reference_exactly(form, guided):
 
 @needs_compiled
 def test_mixed_forms_threads_and_in_place():
-    # 3 x 4 x 96 x 96 = 110592 elements: past the threading threshold, several tiles per image.
+    # 3 x 4 x 96 x 96 = 110592 elements: two threads, several tiles per image.
     guided = (True, False, True)
     forms = [StepForm.MULTISTEP_2, StepForm.EULER, StepForm.DDIM]
     pred, sample, prev, rows, params = _inputs(guided, forms, shape=(4, 96, 96), seed=3)
     ref = guide_and_step_reference(pred, sample, rows, params, prev, want_x0=True, want_cosine=True)
-    got = guide_and_step(pred, sample, rows, params, prev, want_x0=True, want_cosine=True, out=sample, impl="compiled")
+    one = guide_and_step(pred, sample, rows, params, prev, want_x0=True, want_cosine=True, impl="compiled", threads=1)
+    got = guide_and_step(pred, sample, rows, params, prev, want_x0=True, want_cosine=True, out=sample, impl="compiled",
+                         threads=2)
     assert got.latents.data_ptr() == sample.data_ptr()
+    torch.testing.assert_close(got.cosine, one.cosine, rtol=0, atol=0, equal_nan=True)  # fixed reduction order
     assert torch.equal(sample, ref[0])
     assert torch.equal(got.x0, ref[1])
     torch.testing.assert_close(got.cosine[[0, 2]], ref[2][[0, 2]], rtol=0, atol=1e-6)
@@ -120,10 +123,10 @@ def test_raw_binding_checks_rows():
     mod = kernels.compiled_module()
     with pytest.raises(ValueError, match=r"image 0: row_a: expected a row in \[0, 2\), got 5"):
         mod.guide_and_step_f32(pred.data_ptr(), bad.data_ptr(), params.data_ptr(), sample.data_ptr(), 0,
-                               out.data_ptr(), 0, 0, 1, sample.numel(), 2)
+                               out.data_ptr(), 0, 0, 1, sample.numel(), 2, 0)
     with pytest.raises(ValueError, match="out: expected a non-null address"):
         mod.guide_and_step_f32(pred.data_ptr(), rows.data_ptr(), params.data_ptr(), sample.data_ptr(), 0, 0, 0, 0, 1,
-                               sample.numel(), 2)
+                               sample.numel(), 2, 0)
 
 
 # ------------------------------------------------------------------ steps vs diffusers' step
@@ -223,3 +226,76 @@ def test_dtype_without_kernel_falls_back():
     sch = _scheduler("ddim", {}, 10)
     stepper = make_stepper(sch, torch.ones(1), [], torch.device("cpu"), torch.bfloat16, "auto")
     assert stepper.kernel == "reference"
+
+
+@needs_compiled
+def test_inputs_the_kernel_cannot_take_use_scheduler_step_in_between():
+    """A float64 prediction mid-trajectory goes through scheduler.step; the state stays consistent."""
+    ref_s = _scheduler("dpmpp_2m", {}, 8)
+    fused_s = copy.deepcopy(ref_s)
+    fused = FusedStepper(fused_s, torch.ones(1), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(4)
+    x_ref = torch.randn(1, 4, 4, 4, generator=gen) * float(ref_s.init_noise_sigma)
+    x_fused = x_ref.clone()
+    for i, t in enumerate(ref_s.timesteps):
+        eps = torch.randn(1, 4, 4, 4, generator=gen)
+        odd = eps.double() if i in (3, 5) else eps
+        x_ref = ref_s.step(odd, t, x_ref, return_dict=False)[0]
+        x_fused = fused.step(odd, t, x_fused)
+        assert x_fused.dtype == x_ref.dtype
+        assert torch.equal(x_fused, x_ref), f"step {i}"
+
+
+@needs_compiled
+def test_self_check_refuses_coefficients_that_disagree_with_diffusers(monkeypatch):
+    """If a diffusers release changed a formula, the schedule would run the reference, not wrong maths."""
+    from collections import OrderedDict
+
+    from cfgswitch import step_coefficients, steppers
+    from cfgswitch.errors import BackendUnavailableError
+
+    monkeypatch.setattr(steppers, "_PROBED", {})
+    monkeypatch.setattr(steppers, "_PARAMS_CACHE", OrderedDict())
+    real = step_coefficients._ddim
+
+    def drifted(s, timestep):
+        form, c = real(s, timestep)
+        return form, (c[0], c[1], c[2], c[3] * 1.001, c[4], c[5])
+
+    monkeypatch.setattr(step_coefficients, "_ddim", drifted)
+    sch = _scheduler("ddim", {}, 9)
+    assert make_stepper(sch, torch.ones(1), [], torch.device("cpu"), torch.float32, "auto").kernel == "reference"
+    with pytest.raises(BackendUnavailableError, match="no longer matches the fused coefficients"):
+        make_stepper(sch, torch.ones(1), [], torch.device("cpu"), torch.float32, "fused")
+    monkeypatch.setattr(step_coefficients, "_ddim", real)
+    monkeypatch.setattr(steppers, "_PROBED", {})
+    monkeypatch.setattr(steppers, "_PARAMS_CACHE", OrderedDict())
+    assert make_stepper(sch, torch.ones(1), [], torch.device("cpu"), torch.float32, "auto").kernel == "fused"
+
+
+def test_everything_works_without_the_compiled_module():
+    """With cfgswitch._kernels missing, the ops fall back to torch and the loop to the reference."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["cfgswitch._kernels"] = None  # as if it had not been built
+import torch
+from cfgswitch import kernels
+from cfgswitch.kernels import StepForm, guide_and_step, pack_params, pack_rows
+from cfgswitch.schedulers import make_scheduler, set_timesteps
+from cfgswitch.steppers import make_stepper
+from cfgswitch.tiny_model import SD_SCHEDULER_CONFIG
+assert not kernels.HAS_COMPILED and not kernels.compiled_available("cpu", torch.float32)
+res = guide_and_step(torch.ones(1, 4), torch.ones(1, 4), pack_rows([0], [-1], [0]),
+                     pack_params([1.0], [(0.5, 1.0, 1.0, 0.25, 0, 0)]))
+assert torch.equal(res.latents, torch.full((1, 4), 0.75)), res.latents
+s = make_scheduler("ddim", SD_SCHEDULER_CONFIG)
+set_timesteps(s, 5, "cpu")
+assert make_stepper(s, torch.ones(1), [], torch.device("cpu"), torch.float32).kernel == "reference"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")

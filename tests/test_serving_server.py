@@ -209,6 +209,30 @@ def test_client_cli_writes_the_image(server, tiny_sampler, tmp_path, capsys):
     assert err[-1].startswith("cfgswitch client: error: InvalidArgumentError: steps: expected an integer in [1, 50]")
 
 
+def test_a_client_that_gives_up_mid_request_does_not_disturb_others(server, tiny_sampler):
+    box = {}
+
+    def impatient():
+        with ServingClient(server.grpc_url, protocol="grpc", timeout_s=0.1) as client:
+            try:
+                client.generate("a long one", seed=2, steps=50)
+                box["impatient"] = "answered"
+            except ServingError as e:
+                box["impatient"] = str(e)
+
+    t = threading.Thread(target=impatient)
+    t.start()
+    with ServingClient(server.http_url) as client:
+        time.sleep(0.05)
+        got = client.generate("a patient one", seed=8, steps=STEPS, plan="switch:0.5")
+    t.join(60)
+    assert "Deadline Exceeded" in box["impatient"]
+    ref, _, _ = direct(tiny_sampler, "a patient one", 8)
+    assert np.array_equal(got.image, ref)  # other steps: never in the same generate call
+    with ServingClient(server.grpc_url, protocol="grpc") as client:
+        assert client.generate("still here", seed=1, steps=2).image.shape == (16, 16, 3)
+
+
 def test_zz_sigterm_shutdown_is_clean(server):
     # A request in flight when SIGTERM arrives finishes (or fails cleanly); then nothing is left.
     box = {}
@@ -244,3 +268,11 @@ def test_serve_rejects_bad_arguments_before_loading(tmp_path, capsys):
     assert "max-steps: expected an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["serve", missing, "--default-plan", "sometimes"]) == 2
     assert "plan: expected a plan string" in capsys.readouterr().err
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", missing, "--http-port", str(port)]) == 2
+    assert f"--http-port: expected a free port on 127.0.0.1, got '{port} (Address already in use)'" in capsys.readouterr().err

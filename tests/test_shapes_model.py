@@ -44,11 +44,11 @@ def test_loads_in_diffusers_offline(monkeypatch):
 
 @pytest.mark.slow
 def test_colours_follow_the_prompt(sampler):
-    # 12 one-object scenes from a fixed seed the training never saw; chance is 1/7 for colour
-    scenes = [s for s in sample_scenes(4242, 40) if len(s.objects) == 1][:12]
+    # 8 one-object scenes from a fixed seed the training never saw; chance is 1/7 for colour
+    scenes = [s for s in sample_scenes(4242, 40) if len(s.objects) == 1][:8]
     prompts = [canonical_caption(s) for s in scenes]
-    out = sampler.generate(prompts, steps=12, guidance_scale=7.5, seed=0, output_type="np")
+    out = sampler.generate(prompts, steps=10, guidance_scale=7.5, seed=0, output_type="np")
     figures = accuracy(list(out.images), scenes)
-    assert out.images.shape == (12, 64, 64, 3)
+    assert out.images.shape == (8, 64, 64, 3)
     assert figures["colour"] >= 0.6, figures
     assert figures["background"] >= 0.75, figures

@@ -44,6 +44,22 @@ def _check_port(name: str, value: int) -> int:
     return value
 
 
+def _check_free(name: str, host: str, port: int) -> None:
+    """Refuse a port something already listens on (Triton would fail only after a long start)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise InvalidArgumentError("--host", "an address this machine can listen on", f"{host} ({e})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise InvalidArgumentError(name, f"a free port on {host}", f"{port} ({e.strerror})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..plans import GuidancePlan
     from .limits import ServeLimits
@@ -55,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--http-port/--grpc-port/--metrics-port", "three different ports", ports)
     if not args.host:
         raise InvalidArgumentError("--host", "an address such as 127.0.0.1", args.host)
+    for name, port in zip(("--http-port", "--grpc-port", "--metrics-port"), ports):
+        _check_free(name, args.host, port)
     if args.max_queue_delay_us < 0:
         raise InvalidArgumentError("--max-queue-delay-us", "an integer >= 0", args.max_queue_delay_us)
     if args.exit_timeout < 0:

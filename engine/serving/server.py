@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -68,9 +69,12 @@ class SamplerModel:
             [dict(r.items()) for r in requests], limits=self.limits, default_size=spec.default_size,
             vae_factor=spec.vae_scale_factor, check_request=self.sampler.runners.check_request,
         )
-        logger.info("batch of %d request(s), %d image(s)", len(parsed), sum(len(p) for p in parsed))
+        start = time.perf_counter()
         with self._lock:
-            return run_batch(self.sampler, parsed, self.limits.max_batch)
+            outputs = run_batch(self.sampler, parsed, self.limits.max_batch)
+        logger.info("batch of %d request(s), %d image(s): %.3f s", len(parsed), sum(len(p) for p in parsed),
+                    time.perf_counter() - start)
+        return outputs
 
     def warmup(self) -> None:
         """Run one small generation so the first request does not pay for lazy initialisation."""

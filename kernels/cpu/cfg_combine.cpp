@@ -9,7 +9,7 @@ namespace cfgswitch {
 void cfg_combine_f32(const float* uncond, const float* cond, const float* weights, float* out,
                      std::int64_t batch, std::int64_t per_image) {
 #if defined(CFGSWITCH_OPENMP)
-#pragma omp parallel for schedule(static) if (batch * per_image > (1 << 16))
+#pragma omp parallel for schedule(static) if (batch * per_image >= kAutoThreadsFrom)
 #endif
   for (std::int64_t b = 0; b < batch; ++b) {
     const float w = weights[b];

@@ -11,14 +11,16 @@
 
 #include "cfgswitch_kernels.h"
 
+#if defined(CFGSWITCH_OPENMP)
+#include <omp.h>
+#endif
+
 namespace cfgswitch {
 namespace {
 
 // Elements per work item: large enough to amortise the dispatch, small enough to share a 64x64
 // latent image between threads. Tile boundaries fix the order of the cosine sums.
 constexpr std::int64_t kTile = 8192;
-// Below this many elements per call, one thread does it all (thread start-up costs more).
-constexpr std::int64_t kParallelThreshold = std::int64_t{1} << 16;
 
 enum Mode : int { kSingle = 0, kGuided = 1, kGuidedCosine = 2 };
 
@@ -154,7 +156,9 @@ void guide_and_step_f32(const GuideStepArgs& a) {
   double* sums_ptr = sums.data();
 
 #if defined(CFGSWITCH_OPENMP)
-#pragma omp parallel for schedule(static) if (a.batch * per_image >= kParallelThreshold)
+  const int threads = a.num_threads > 0 ? a.num_threads
+                                        : (a.batch * per_image >= kAutoThreadsFrom ? omp_get_max_threads() : 1);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && total > 1)
 #endif
   for (std::int64_t t = 0; t < total; ++t) {
     const std::int64_t b = t / tiles_per_image;

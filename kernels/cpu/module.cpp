@@ -42,7 +42,7 @@ T* as_optional_ptr(std::uintptr_t address) {
 
 void guide_and_step_f32_py(std::uintptr_t pred, std::uintptr_t rows, std::uintptr_t params, std::uintptr_t sample,
                            std::uintptr_t prev, std::uintptr_t out, std::uintptr_t out_x0, std::uintptr_t cosine,
-                           std::int64_t batch, std::int64_t per_image, std::int64_t pred_rows) {
+                           std::int64_t batch, std::int64_t per_image, std::int64_t pred_rows, int num_threads) {
   if (batch < 1 || per_image < 1 || pred_rows < 1) {
     throw std::invalid_argument("guide_and_step: expected batch, per_image and pred_rows >= 1, got " +
                                 std::to_string(batch) + ", " + std::to_string(per_image) + " and " +
@@ -60,6 +60,7 @@ void guide_and_step_f32_py(std::uintptr_t pred, std::uintptr_t rows, std::uintpt
   args.batch = batch;
   args.per_image = per_image;
   args.pred_rows = pred_rows;
+  args.num_threads = num_threads;
   py::gil_scoped_release release;
   cfgswitch::guide_and_step_f32(args);
 }
@@ -73,9 +74,10 @@ PYBIND11_MODULE(_kernels, m) {
         "out[b, i] = uncond[b, i] + weights[b] * (cond[b, i] - uncond[b, i]) for float32 CPU buffers.");
   m.def("guide_and_step_f32", &guide_and_step_f32_py, py::arg("pred"), py::arg("rows"), py::arg("params"),
         py::arg("sample"), py::arg("prev"), py::arg("out"), py::arg("out_x0"), py::arg("cosine"), py::arg("batch"),
-        py::arg("per_image"), py::arg("pred_rows"),
+        py::arg("per_image"), py::arg("pred_rows"), py::arg("num_threads") = 0,
         "CFG combine + scheduler update (+ cosine) for float32 CPU buffers; see cfgswitch_kernels.h. "
-        "Addresses are integers; prev, out_x0 and cosine may be 0.");
+        "Addresses are integers; prev, out_x0 and cosine may be 0; num_threads 0 picks automatically.");
+  m.attr("auto_threads_from") = cfgswitch::kAutoThreadsFrom;
   m.attr("params_per_image") = cfgswitch::kParamsPerImage;
   m.attr("rows_per_image") = cfgswitch::kRowsPerImage;
   // The CUDA kernels live in their own C library (libcfgswitch_cuda.so), loaded by cfgswitch.kernels.

@@ -174,10 +174,19 @@ std::int64_t cfgswitch_guide_and_step_workspace_bytes(std::int64_t batch) {
 int cfgswitch_guide_and_step_cuda(const void* pred, const std::int32_t* rows, const float* params,
                                   const void* sample, const void* prev, void* out, void* out_x0, float* cosine,
                                   std::int64_t batch, std::int64_t per_image, std::int64_t pred_rows, int dtype,
-                                  void* workspace, void* stream) {
+                                  void* workspace, void* stream, int device) {
   if (pred == nullptr || rows == nullptr || params == nullptr || sample == nullptr || out == nullptr ||
       batch < 1 || batch > 65535 || per_image < 1 || pred_rows < 1 || (cosine != nullptr && workspace == nullptr)) {
     return -1;
+  }
+  if (device >= 0) {  // this library's (static) runtime keeps its own current device
+    int current = -1;
+    if (cudaGetDevice(&current) != cudaSuccess || current != device) {
+      const cudaError_t rc = cudaSetDevice(device);
+      if (rc != cudaSuccess) {
+        return static_cast<int>(rc);
+      }
+    }
   }
   const auto s = static_cast<cudaStream_t>(stream);
   if (dtype == 0) {

@@ -47,10 +47,16 @@ struct GuideStepArgs {
   std::int64_t batch = 0;
   std::int64_t per_image = 0;
   std::int64_t pred_rows = 0;
+  int num_threads = 0;             // CPU only: 0 = automatic (one thread below kAutoThreadsFrom elements)
 };
 
-// float32 CPU buffers (OpenMP threads over element tiles; the cosine sums are reduced in a fixed
-// order, so results do not depend on the thread count). Throws std::invalid_argument on bad rows.
+// Elements per call from which the CPU kernel uses OpenMP threads by default. The op is memory-bound
+// and takes ~0.1 ms at SDXL size with batch 4 on one core; a thread team's start-up and barrier cost
+// (and, on a busy machine, waiting for a descheduled thread) outweighs that below this size.
+constexpr std::int64_t kAutoThreadsFrom = std::int64_t{1} << 20;
+
+// float32 CPU buffers (OpenMP threads over element tiles, see num_threads; the cosine sums are reduced
+// in a fixed order, so results do not depend on the thread count). Throws std::invalid_argument on bad rows.
 void guide_and_step_f32(const GuideStepArgs& args);
 
 }  // namespace cfgswitch
@@ -59,7 +65,9 @@ void guide_and_step_f32(const GuideStepArgs& args);
 // ops and ctypes can all call it. All buffers are device memory. dtype: 0 float32, 1 float16 (pred,
 // sample, prev, out, out_x0; params and cosine are always float32). workspace: at least
 // cfgswitch_guide_and_step_workspace_bytes(batch) bytes, zeroed once at allocation; the kernel leaves
-// it zeroed again, so one workspace serves any number of calls on ONE stream at a time.
+// it zeroed again, so one workspace serves any number of calls on ONE stream at a time. device: the
+// CUDA device of the buffers and stream (made current for this library's runtime), or -1 to keep the
+// current one. out may alias sample; out_x0 must not alias any input.
 // Returns 0 on success, else a cudaError_t value (or -1 for bad arguments).
 #if defined(_WIN32)
 #define CFGSWITCH_EXPORT __declspec(dllexport)
@@ -72,6 +80,7 @@ CFGSWITCH_EXPORT std::int64_t cfgswitch_guide_and_step_workspace_bytes(std::int6
 CFGSWITCH_EXPORT int cfgswitch_guide_and_step_cuda(const void* pred, const std::int32_t* rows, const float* params,
                                   const void* sample, const void* prev, void* out, void* out_x0,
                                   float* cosine, std::int64_t batch, std::int64_t per_image,
-                                  std::int64_t pred_rows, int dtype, void* workspace, void* stream);
+                                  std::int64_t pred_rows, int dtype, void* workspace, void* stream,
+                                  int device);
 CFGSWITCH_EXPORT const char* cfgswitch_cuda_error_string(int code);
 }
