@@ -78,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from .process import start_tritonserver
 
+    def on_term(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)  # SIGTERM, like Ctrl-C, stops the server it started
     server = start_tritonserver(args.out, host=args.host, ports=(args.http_port, args.grpc_port, args.metrics_port))
     logger.info("tritonserver pid %d, log %s; Ctrl-C stops it", server.proc.pid, server.log_path)
     try:
