@@ -43,7 +43,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of image 0 (image i gets seed + i)")
     p.add_argument("--shapes", default="auto", choices=("auto", "yes", "no"),
                    help="shapes-world captions and scorer: auto = for the embedded model only")
-    p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: torch's own choice, 1 when the machine is busy)")
+    p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: torch's own choice, capped at the idle cores)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -56,7 +56,7 @@ import torch  # noqa: E402
 from cfgswitch.benchmarks.derive import derive  # noqa: E402
 from cfgswitch.benchmarks.gpu_models import (  # noqa: E402
     MODELS, TINY_MODELS, AddedCondUNet, CompiledUNet, GraphedUNet, build_unet, count_parameters)
-from cfgswitch.benchmarks.machine import machine_info  # noqa: E402
+from cfgswitch.benchmarks.machine import machine_info, scrub_paths  # noqa: E402
 from cfgswitch.benchmarks.measure import RoleInputs, interleaved, time_roles  # noqa: E402
 
 VARIANTS = ("diffusers", "eager", "graphs", "compile")
@@ -197,7 +197,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     cells = [c for c in cells if c["calls"]]
     results = {
         "schema_version": 1, "kind": "cfgswitch-gpu-suite", "created_utc": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-        "argv": ["python", "benchmarks/gpu_suite.py"] + list(args.argv), "machine": machine_info(),
+        "argv": ["python", "benchmarks/gpu_suite.py"] + scrub_paths(list(args.argv)), "machine": machine_info(),
         "config": {"model": name, "backends": sorted({c["backend"] for c in cells}), "plans": list(PLANS), "steps": args.steps,
                    "batches": list(args.batch), "scheduler": "ddim", "repeat": args.repeat, "warmup": args.warmup,
                    "guidance_scale": args.guidance, "seed": 0, "dtype": str(dtype).replace("torch.", ""),

@@ -30,7 +30,7 @@ import torch
 from .baseline import DiffusersBaseline, baseline_plans, baseline_switch_step
 from .config import BenchConfig, check_config
 from .derive import derive
-from .machine import busy_machine_note, machine_info
+from .machine import busy_machine_threads, machine_info, scrub_paths
 from .measure import interleaved, role_inputs, sampler_call, time_roles
 from .quality import compare, is_embedded_model, prompts_for, scorer_accuracy
 
@@ -124,11 +124,11 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True, argv: Optional[List[s
     threads_before = torch.get_num_threads()
     notes: List[str] = []
     if cfg.threads is None:
-        busy = busy_machine_note(threads_before)
+        threads, busy = busy_machine_threads(threads_before)
         if busy is not None:
             logger.warning(busy)
             notes.append(busy)
-            cfg = dataclasses.replace(cfg, threads=1)
+            cfg = dataclasses.replace(cfg, threads=threads)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
@@ -209,13 +209,13 @@ def _measure(cfg: BenchConfig, progress: bool, argv: Optional[List[str]], starte
         "schema_version": SCHEMA_VERSION,
         "kind": "cfgswitch-bench",
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "argv": _scrub(list(argv)) if argv is not None else None,
+        "argv": scrub_paths(list(argv)) if argv is not None else None,
         "machine": machine_info(),
-        "config": _scrub(cfg.to_dict()),
+        "config": scrub_paths(cfg.to_dict()),
         "model": {
             "source": _display_path(Path(cfg.bundle) if model_dir is None else model_dir), "embedded": embedded,
             "spec": {k: getattr(first.spec, k) for k in ("latent_channels", "vae_scale_factor", "sample_size", "text_length", "text_width")},
-            "height": height, "width": width, "backend_info": _scrub({b: dict(s.runners.info) for b, s in samplers.items()}),
+            "height": height, "width": width, "backend_info": scrub_paths({b: dict(s.runners.info) for b, s in samplers.items()}),
         },
         "prompts": {"source": prompt_source, "prompts": prompts, "seeds": seeds},
         "role_costs": [{"backend": b, "batch": n, "cfg_s": c, "late_s": late} for (b, n), (c, late) in roles.items()],
@@ -237,17 +237,6 @@ def _display_path(path: Path) -> str:
         return "embedded:" + EMBEDDED_MODEL_DIR.name
     p = Path(path)
     return str(p) if not p.is_absolute() else f".../{p.name}"
-
-
-def _scrub(obj: Any) -> Any:
-    """``obj`` with absolute paths shortened to ``.../name`` (results are meant to be shared)."""
-    if isinstance(obj, dict):
-        return {k: _scrub(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_scrub(v) for v in obj]
-    if isinstance(obj, str) and obj.startswith("/") and len(obj) > 1:
-        return f".../{Path(obj).name}"
-    return obj
 
 
 def _make_baseline(cfg: BenchConfig, samplers: Dict[str, Any], model_dir: Optional[Path], notes: List[str]):

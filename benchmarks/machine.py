@@ -54,6 +54,17 @@ def gpu_info() -> Optional[Dict[str, Any]]:
     }
 
 
+def scrub_paths(obj: Any) -> Any:
+    """``obj`` (dicts and lists of it) with absolute paths shortened to ``.../name``: results are meant to be shared."""
+    if isinstance(obj, dict):
+        return {k: scrub_paths(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub_paths(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith("/") and len(obj) > 1:
+        return f".../{Path(obj).name}"
+    return obj
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on."""
     try:
@@ -62,25 +73,25 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def busy_machine_note(threads: int) -> Optional[str]:
-    """Why to time with one thread, or ``None``: the 1-minute load average already fills every core.
+def busy_machine_threads(threads: int) -> "tuple[int, Optional[str]]":
+    """Threads to time with, and why when fewer than ``threads``: no more than the idle cores.
 
-    On a busy machine, OpenMP threads that spin while they wait for each other take CPU time
-    from the thread doing the work: a run with 2 threads was 10-20x slower than with 1 on this
-    project's shared 2-core machine (with ``OMP_WAIT_POLICY=PASSIVE`` set before start, only ~1.2x).
+    Idle cores are the usable cores minus the 1-minute load average, at least 1. On a busy
+    machine, OpenMP threads that spin while they wait for each other take CPU time from the
+    thread doing the work: with 2 threads, calls were 10-20x slower than with 1 on this project's
+    shared 2-core machine (with ``OMP_WAIT_POLICY=PASSIVE`` set before start, only ~1.2x slower).
     """
-    if threads <= 1:
-        return None
     try:
         load = os.getloadavg()[0]
     except OSError:  # pragma: no cover - not available
-        return None
+        return threads, None
     cores = usable_cores()
-    if load < cores:
-        return None
-    return (f"the machine was busy (1-min load average {load:.1f} on {cores} cores): timed with 1 thread instead of "
-            f"{threads}, since spinning OpenMP threads of a busy machine slow every call many times over; "
-            "pass --threads N to choose")
+    idle = max(1, int(cores - load))
+    if idle >= threads:
+        return threads, None
+    return idle, (f"the machine was busy (1-min load average {load:.1f} on {cores} cores): timed with {idle} thread(s) "
+                  f"instead of {threads}, since spinning OpenMP threads of a busy machine slow every call many times "
+                  "over; pass --threads N to choose")
 
 
 def machine_info() -> Dict[str, Any]:
@@ -112,4 +123,4 @@ def machine_info() -> Dict[str, Any]:
     }
 
 
-__all__ = ["LIBRARIES", "busy_machine_note", "usable_cores", "cpu_model", "gpu_info", "library_versions", "machine_info"]
+__all__ = ["LIBRARIES", "busy_machine_threads", "scrub_paths", "usable_cores", "cpu_model", "gpu_info", "library_versions", "machine_info"]

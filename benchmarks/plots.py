@@ -121,8 +121,12 @@ def plot_sweep_quality(results: Dict[str, Any], path: Path) -> Path:
     return path
 
 
+#: Images per row of the image sheet (the first ones of the batch).
+MAX_SHEET_COLUMNS = 8
+
+
 def plot_images(results: Dict[str, Any], images: Dict[str, np.ndarray], path: Path) -> Optional[Path]:
-    """A sheet of the largest batch's images: one row per cell of the first backend and diffusers."""
+    """A sheet of the largest batch's first images: one row per cell of the first backend and diffusers."""
     top = max(results["config"]["batches"])
     backend = results["config"]["backends"][0]
     rows = [c for c in results["cells"] if c["batch"] == top and c["id"] in images
@@ -130,8 +134,8 @@ def plot_images(results: Dict[str, Any], images: Dict[str, np.ndarray], path: Pa
     if not rows:
         return None
     plt = _pyplot()
-    cols = images[rows[0]["id"]].shape[0]
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.4 * cols + 2.2, 1.4 * len(rows)), squeeze=False)
+    cols = min(images[rows[0]["id"]].shape[0], MAX_SHEET_COLUMNS)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.1 * cols + 1.6, 1.1 * len(rows)), squeeze=False)
     for r, cell in enumerate(rows):
         for k in range(cols):
             ax = axes[r][k]
@@ -141,7 +145,7 @@ def plot_images(results: Dict[str, Any], images: Dict[str, np.ndarray], path: Pa
         axes[r][0].set_ylabel(f"{'diffusers' if cell['system'] == 'diffusers' else cell['backend']}\n{cell['plan']}",
                               fontsize=7, rotation=0, ha="right", va="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 

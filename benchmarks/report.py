@@ -135,7 +135,9 @@ def report_markdown(results: Dict[str, Any], plots: Sequence[str] = ()) -> str:
         f"{m.get('load_average_1_5_15min')} (1/5/15 min)",
         f"- libraries: {libs}",
         f"- run: {results['created_utc']}, {results['elapsed_s']:.1f} s; command: `{' '.join(results['argv'] or ['(library call)'])}`",
-        f"- model: {results['model']['source']}, {results['model']['height']}x{results['model']['width']} px; "
+        f"- model: {results['model']['source']}"
+        + (f" ({results['model']['parameters']:,} UNet parameters)" if results["model"].get("parameters") else "")
+        + f", {results['model']['height']}x{results['model']['width']} px; "
         f"steps {c['steps']}, scheduler {c['scheduler']}, guidance {c['guidance_scale']}, batches {c['batches']}, "
         f"repeat {c['repeat']} (warm-up {c['warmup']}), calls interleaved across all cells",
         f"- prompts: {results['prompts']['source']}; image i has seed {c['seed']} + i",

@@ -198,6 +198,8 @@ def test_scored_run_on_a_64px_model(tmp_path):
     assert res["recommendation"]["scored"] and res["recommendation"]["accuracy_drop_points"] is not None
     v = res["eos"]["variants"]
     assert all(0.0 <= v[k]["matches_b"] <= 1.0 and 0.0 <= v[k]["matches_a"] <= 1.0 for k in v)
+    assert res["eos"]["scorer_separates_pairs"] in (True, False)
+    assert res["eos"]["no_effect_from_step_scored"] is None or set(res["eos"]["no_effect_from_step_scored"]) == {"eos"}
     by_attr = v["eos_from_b"]["matches_b_by_attribute"]
     assert set(by_attr) == {"colour", "shape", "size", "position", "background", "mean"}
     assert by_attr["mean"] == pytest.approx(np.mean([by_attr[a] for a in ("colour", "shape", "size", "position", "background")]))

@@ -176,6 +176,8 @@ def test_recommend_applies_the_accuracy_bound():
     assert rec["plan"] == "switch:0.6" and rec["accuracy_drop_points"] == pytest.approx(-0.5)
     rec = recommend(_sweep(lowfreq, acc, baseline_acc=90.0), Tolerance(lowfreq=0.03, accuracy_points=1.5))
     assert rec["plan"] == "switch:0.4" and rec["accuracy_drop_points"] == pytest.approx(1.5)
+    # each criterion alone: the distances allow 0.2, the accuracy only 0.4
+    assert rec["earliest_per_criterion"] == {"lowfreq_only": "switch:0.2", "accuracy_only": "switch:0.4"}
 
 
 def test_recommend_always_when_nothing_qualifies():

@@ -156,3 +156,17 @@ def test_diffusers_baseline_matches_sampler_at_batch_2(tiny_sampler, plan):
         full = tiny_sampler.generate(prompts, steps=4, plan="always", seed=seeds, output_type="np")
         assert np.abs(images - full.images).max() > 1e-3
     assert math.isclose(base.pipe._guidance_scale, 0.0 if plan != "always" else 7.5)
+
+
+# ----------------------------------------------------------------------------- machine
+def test_scrub_paths_keeps_names_only():
+    from cfgswitch.benchmarks.machine import scrub_paths
+
+    got = scrub_paths({"a": "/home/u/models/sd", "b": ["rel/dir", "/tmp/x/bundle"], "c": 3, "d": "/"})
+    assert got == {"a": ".../sd", "b": ["rel/dir", ".../bundle"], "c": 3, "d": "/"}
+
+
+def test_one_thread_is_never_reduced():
+    from cfgswitch.benchmarks.machine import busy_machine_threads
+
+    assert busy_machine_threads(1) == (1, None)

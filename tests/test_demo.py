@@ -37,6 +37,7 @@ def test_demo_writes_grid_and_table(tmp_path, capsys):
         (["--steps", "1"], "--steps: expected an integer >= 2, got 1"),
         (["--out", "grid.jpg"], "--out: expected a .png path"),
         (["--repeats", "0"], "--repeats: expected a positive integer, got 0"),
+        (["--threads", "0"], "--threads: expected a positive integer, got 0"),
         (["--bundle", "no/such/bundle"], "--bundle: expected a bundle folder with manifest.json"),
     ],
 )

@@ -49,7 +49,7 @@ def test_saved_folder_loads_in_diffusers_offline(trained, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert (model / "tokenizer" / "tokenizer.json").is_file()
     assert sorted(p.name for p in (model / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32, local_files_only=True)
     assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)  # measured on the latents, not SD's
     img = pipe("a red square at the centre on a white background", num_inference_steps=2, output_type="np").images
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()

@@ -120,7 +120,9 @@ def eos_experiments(
         k_modes (`Sequence[str]`, defaults to both): step-k variants to run (see :data:`K_MODES`).
         cutoff (`float`): low-pass radius of the distance behind ``toward_b``.
         no_effect_tolerance (`float`, defaults to 0.1): a step-k swap no longer changes the result
-            from the first k from which mean ``toward_b`` stays at or below it.
+            from the first k from which mean ``toward_b`` stays at or below it; with a scorer, it
+            no longer changes the attributes from the first k from which the share of attributes
+            matching B stays within this tolerance of A's own image's share.
         scorer, targets (optional): an attribute scorer and one (scene A, scene B) per pair.
         batch_size (`int`, defaults to 16): images per UNet batch.
         progress (tqdm bar, optional): advanced by one per image.
@@ -180,11 +182,17 @@ def eos_experiments(
     variants = {v: measure(v) for v in ("a", "b", "eos_from_b", "semantic_from_b")}
     step_k: Dict[str, List[Dict[str, Any]]] = {}
     no_effect: Dict[str, Optional[int]] = {}
+    no_effect_scored: Dict[str, Optional[int]] = {}
+    # The scorer can date the swap only if it tells B's own images from A's by more than the tolerance.
+    separable = use_scorer and variants["b"]["matches_b"] - variants["a"]["matches_b"] > no_effect_tolerance
     for mode in k_modes:
         name = "eos_from_b" if mode == "eos" else "prompt_b"
         curve = [{"k": k, **measure(f"{name}@{k}")} for k in ks]
         step_k[mode] = curve
         no_effect[mode] = _first_stable_below([c["toward_b"] for c in curve], ks, no_effect_tolerance)
+        if separable:  # attributes: no more B-matches than A's own image shows, within the tolerance
+            floor = variants["a"]["matches_b"] + no_effect_tolerance
+            no_effect_scored[mode] = _first_stable_below([c["matches_b"] for c in curve], ks, floor)
     logger.info("eos: toward_b %.3f with B's [EOS], %.3f with B's semantic tokens (%d pairs)",
                 variants["eos_from_b"]["toward_b"], variants["semantic_from_b"]["toward_b"], len(pairs))
     return {
@@ -192,6 +200,8 @@ def eos_experiments(
         "scheduler": scheduler, "cutoff": cutoff, "eos_positions": {"a": eos_a, "b": eos_b},
         "scored": use_scorer, "variants": variants, "k_grid": ks, "step_k": step_k,
         "no_effect_tolerance": no_effect_tolerance, "no_effect_from_step": no_effect,
+        "no_effect_from_step_scored": no_effect_scored if separable else None,
+        "scorer_separates_pairs": bool(separable) if use_scorer else None,
         "_images": {v: images[[index[(i, v)] for i in range(len(pairs))]] for v in ("a", "b", "eos_from_b", "semantic_from_b")},
     }
 

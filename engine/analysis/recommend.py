@@ -12,6 +12,7 @@ below 1 qualifies, the plan is ``always``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
@@ -41,7 +42,7 @@ class Tolerance:
     def __post_init__(self) -> None:
         for name in ("lowfreq", "accuracy_points"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # nan fails too
                 raise InvalidArgumentError(f"tolerance.{name}", "a number >= 0", value)
 
 
@@ -67,6 +68,16 @@ def earliest_within(entries: List[Dict[str, Any]], baseline: Dict[str, Any], tol
             break
         best = entry
     return best
+
+
+def _earliest_plan(sweep: Dict[str, Any], tolerance: Tolerance) -> str:
+    """The plan :func:`recommend` picks under ``tolerance`` (for the one-criterion alternatives)."""
+    best: Optional[Dict[str, Any]] = None
+    for late in ("uncond", "cond"):
+        entry = earliest_within([e for e in sweep["entries"] if e["late"] == late], sweep["baseline"], tolerance)
+        if entry is not None and entry["fraction"] < 1.0 and (best is None or entry["fraction"] < best["fraction"]):
+            best = entry
+    return "always" if best is None else best["plan"]
 
 
 def recommend(sweep: Dict[str, Any], tolerance: Tolerance = Tolerance()) -> Dict[str, Any]:
@@ -95,6 +106,9 @@ def recommend(sweep: Dict[str, Any], tolerance: Tolerance = Tolerance()) -> Dict
         evidence = {k: choice[k] for k in ("fraction", "late", "switch_step", "rows_saved", "time_saved", "lowfreq", "psnr")}
         evidence["unet_time_saved"] = choice.get("unet_time_saved")
         evidence["accuracy_drop_points"] = _accuracy_drop(choice, baseline)
+    by_criterion = {"lowfreq_only": _earliest_plan(sweep, Tolerance(tolerance.lowfreq, math.inf))}
+    if sweep.get("scored"):
+        by_criterion["accuracy_only"] = _earliest_plan(sweep, Tolerance(math.inf, tolerance.accuracy_points))
     return {
         "plan": str(plan),
         **evidence,
@@ -104,6 +118,7 @@ def recommend(sweep: Dict[str, Any], tolerance: Tolerance = Tolerance()) -> Dict
         "tolerance": asdict(tolerance),
         "scored": bool(sweep.get("scored")),
         "earliest_per_late_mode": per_mode,
+        "earliest_per_criterion": by_criterion,
         "rule": ("smallest switch fraction f such that f and every larger f of the grid keep the mean low-frequency "
                  "distance to always-CFG <= tolerance.lowfreq and, if scored, the mean attribute accuracy within "
                  "tolerance.accuracy_points of always-CFG; ties prefer late=uncond"),

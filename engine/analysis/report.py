@@ -72,9 +72,21 @@ def answers(result: Dict[str, Any]) -> List[str]:
             if mode in eos["step_k"]:
                 curve = {c["k"]: c["toward_b"] for c in eos["step_k"][mode]}
                 k = ne.get(mode)
-                parts.append(f"{label} from step k stops mattering (toward-B <= {eos['no_effect_tolerance']}) at "
-                             f"k = {k if k is not None else 'never within the grid'} of {eos['steps']} "
-                             f"(toward-B by k: " + ", ".join(f"{kk}: {vv:.2f}" for kk, vv in curve.items()) + ")")
+                text = (f"{label} from step k stops moving the image (toward-B <= {eos['no_effect_tolerance']}) at "
+                        f"k = {k if k is not None else 'never within the grid'} of {eos['steps']} "
+                        f"(toward-B by k: " + ", ".join(f"{kk}: {vv:.2f}" for kk, vv in curve.items()) + ")")
+                scored_k = (eos.get("no_effect_from_step_scored") or {}).get(mode, "absent")
+                if eos.get("scorer_separates_pairs") is False:
+                    v = eos["variants"]
+                    text += (f"; the scorer cannot date it: it barely tells B's own images from A's (share matching B "
+                             f"{v['b']['matches_b']:.2f} vs {v['a']['matches_b']:.2f})")
+                elif scored_k != "absent":
+                    match = {c["k"]: c["matches_b"] for c in eos["step_k"][mode]}
+                    text += (f" and stops changing the scored attributes (share matching B within "
+                             f"{eos['no_effect_tolerance']} of A's own {eos['variants']['a']['matches_b']:.2f}) at k = "
+                             f"{scored_k if scored_k is not None else 'never within the grid'} (matching B by k: "
+                             + ", ".join(f"{kk}: {vv:.2f}" for kk, vv in match.items()) + ")")
+                parts.append(text)
         if parts:
             out.append("- **From which step does the swap no longer matter?** " + "; ".join(parts) + ".")
     if rec:
@@ -89,6 +101,10 @@ def answers(result: Dict[str, Any]) -> List[str]:
         else:
             out.append("- **Recommended switch point:** `always`: no switch fraction below 1 stayed within tolerance "
                        f"(low-frequency distance <= {rec['tolerance']['lowfreq']}).")
+        alt = rec.get("earliest_per_criterion") or {}
+        if alt:
+            out.append("  One criterion at a time: " + "; ".join(
+                f"{'low-frequency distance' if k == 'lowfreq_only' else 'accuracy'} alone gives `{v}`" for k, v in alt.items()) + ".")
     return out
 
 

@@ -70,8 +70,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--plans", default=",".join(CARD_PLANS))
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    import torch
+
+    torch.set_num_threads(args.threads)
     sampler = Sampler.from_diffusers(Path(args.model))
     res = evaluate(sampler, args.count, args.seed, args.plans.split(","), args.steps)
     text = json.dumps(res, indent=2)
