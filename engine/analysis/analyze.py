@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InvalidArgumentError
-from ..plans import LATE_MODES
+from ..plans import LATE_MODES, GuidancePlan
 from ..schedulers import scheduler_class_name
 from .eos import DEFAULT_NO_EFFECT_TOLERANCE, K_MODES, default_k_grid, eos_experiments
 from .frequency import DEFAULT_CUTOFF, _check_cutoff
@@ -193,7 +193,7 @@ def run_analysis(
             imgs = result["sweep"]["_images"]
             rec_plan = result["recommendation"]["plan"]
             rows = {"always": imgs["always"], **({rec_plan: imgs[rec_plan]} if rec_plan in imgs else {}),
-                    "switch:0.0": imgs.get("switch:0.0")}
+                    str(GuidancePlan.switch_at(0.0)): imgs.get(str(GuidancePlan.switch_at(0.0)))}
             if save_examples(rows, out / "sweep_examples.png") is not None:
                 plots["examples: always-CFG, recommended, switch at 0"] = "sweep_examples.png"
         if "eos" in config.experiments:

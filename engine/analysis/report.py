@@ -198,9 +198,13 @@ def render_markdown(result: Dict[str, Any], plots: Dict[str, str]) -> str:
         for mode, label in (("eos", "B's [EOS] from step k"), ("prompt", "all of B from step k")):
             if mode not in eos["step_k"]:
                 continue
-            lines += [f"{label}:", "", "| k | toward-B |" + (" matches B |" if scored else ""), "| --- | --- |" + (" --- |" if scored else "")]
+            attrs = [a for a in eos["step_k"][mode][0].get("matches_b_by_attribute", {}) if a != "mean"] if scored else []
+            lines += [f"{label}:", "", "| k | toward-B |" + (" matches B |" if scored else "")
+                      + "".join(f" {a} = B |" for a in attrs),
+                      "| --- | --- |" + (" --- |" if scored else "") + " --- |" * len(attrs)]
             for c in eos["step_k"][mode]:
-                lines.append(f"| {c['k']} | {c['toward_b']:.3f} |" + (f" {c['matches_b']:.2f} |" if scored else ""))
+                lines.append(f"| {c['k']} | {c['toward_b']:.3f} |" + (f" {c['matches_b']:.2f} |" if scored else "")
+                             + "".join(f" {c['matches_b_by_attribute'][a]:.2f} |" for a in attrs))
             lines.append("")
         if eos["pairs"]:
             a, b = eos["pairs"][0]
