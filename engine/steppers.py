@@ -41,7 +41,8 @@ def cosine_per_image(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(u, c, dim=1)
 
 
-def _step_kwargs(scheduler, generators: List[torch.Generator]) -> Dict[str, object]:
+def step_kwargs(scheduler, generators: List[torch.Generator]) -> Dict[str, object]:
+    """Keyword arguments of ``scheduler.step`` for this loop: per-image generators, ``eta=0``."""
     params = set(inspect.signature(scheduler.step).parameters)
     kwargs: Dict[str, object] = {}
     if "generator" in params:
@@ -65,7 +66,7 @@ class ReferenceStepper:
     def __init__(self, scheduler, weights: torch.Tensor, generators: List[torch.Generator]) -> None:
         self.scheduler = scheduler
         self.weights = weights
-        self.step_kwargs = _step_kwargs(scheduler, generators)
+        self.step_kwargs = step_kwargs(scheduler, generators)
 
     def step(self, eps: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """Next latents from one prediction per image (already guided, or late)."""

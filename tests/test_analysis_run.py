@@ -118,8 +118,9 @@ def test_run_analysis_writes_everything(tiny_sampler, tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     from PIL import Image
 
-    # three rows of 16 px images (always, recommended, switch at 0), each 2 px apart, enlarged 8x
-    assert Image.open(tmp_path / "sweep_examples.png").size[1] == 3 * 18 * 8
+    # one row of 16 px images per distinct plan of (always, recommended, switch at 0), 2 px apart, enlarged 8x
+    rows = len({"always", res["recommendation"]["plan"], "switch:0"})
+    assert Image.open(tmp_path / "sweep_examples.png").size[1] == rows * 18 * 8
     data = json.loads((tmp_path / "analysis.json").read_text())
     assert data["schema_version"] == 1
     assert set(data) >= {"model", "config", "probes", "sweep", "eos", "recommendation", "plots", "elapsed_seconds"}

@@ -10,9 +10,8 @@ and hands each step's two predictions to an observer.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ import torch
 from ..kernels_bridge import cfg_combine
 from ..loop import initial_latents, make_generators
 from ..schedulers import make_scheduler, set_timesteps
+from ..steppers import step_kwargs
 from ..tokenizer import tokenize
 
 
@@ -77,16 +77,6 @@ def predicted_x0(sample: torch.Tensor, output: torch.Tensor, alpha_bar: float, p
     raise InvalidArgumentError("prediction_type", "'epsilon', 'v_prediction' or 'sample'", prediction_type)
 
 
-def _step_kwargs(scheduler, generators: List[torch.Generator]) -> Dict[str, object]:
-    params = set(inspect.signature(scheduler.step).parameters)
-    kwargs: Dict[str, object] = {}
-    if "generator" in params:
-        kwargs["generator"] = generators
-    if "eta" in params:
-        kwargs["eta"] = 0.0
-    return kwargs
-
-
 def guided_trajectory(
     sampler,
     uncond: torch.Tensor,
@@ -123,7 +113,7 @@ def guided_trajectory(
     set_timesteps(sched, steps, device)
     generators = make_generators(seeds)
     latents = initial_latents(generators, (spec.latent_channels, side, side), device, dtype) * sched.init_noise_sigma
-    kwargs = _step_kwargs(sched, generators)
+    kwargs = step_kwargs(sched, generators)
     weights = torch.full((batch,), float(guidance_scale), dtype=torch.float32, device=device)
     uncond, cond = uncond.to(device), cond.to(device)
     for i, t in enumerate(sched.timesteps):
