@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="cfgswitch-demo.png", help="PNG grid to write (default: cfgswitch-demo.png)")
     p.add_argument("--model", default="default", help="diffusers folder (default: the embedded shapes model)")
     p.add_argument("--bundle", default=None, help="an exported bundle to run instead (its fastest backend is used)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="auto (default): ONNX Runtime through a bundle exported once into the user cache when "
+                        "onnxruntime is installed, else torch")
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG weight (default 7.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
@@ -55,14 +58,51 @@ def _check(args: argparse.Namespace) -> None:
         raise InvalidArgumentError("--bundle", "a bundle folder with manifest.json", args.bundle)
 
 
-def load_demo_sampler(model: str = "default", bundle: "str | None" = None):
-    """The sampler the demo runs: a bundle on its best backend, else the model on torch."""
+def _cached_bundle(model_dir: Path, batch: int) -> "Path | None":
+    """An ONNX bundle of ``model_dir`` in the user cache, exported once; ``None`` without the exporter."""
+    import hashlib
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return None
+    from .export_bridge import export_bundle_if_available
+
+    digest = hashlib.sha256()
+    for f in sorted(model_dir.rglob("*")):
+        if f.is_file() and f.suffix in (".json", ".safetensors"):
+            digest.update(f.relative_to(model_dir).as_posix().encode())
+            digest.update(f.read_bytes())
+    cache = Path(os.environ.get("CFGSWITCH_CACHE", Path.home() / ".cache" / "cfgswitch"))
+    bundle = cache / "bundles" / f"{model_dir.name}-{digest.hexdigest()[:16]}-b{batch}"
+    if (bundle / "manifest.json").is_file():
+        return bundle
+    logger.info("exporting %s to an ONNX bundle for the fastest installed backend (once): %s", model_dir, bundle)
+    return export_bundle_if_available(model_dir, bundle, batch_sizes=sorted({1, batch}))
+
+
+def load_demo_sampler(model: str = "default", bundle: "str | None" = None, backend: str = "auto", batch: int = 4):
+    """The sampler the demo runs: the fastest installed backend for the model.
+
+    A bundle runs on its best backend. A diffusers folder runs on ONNX Runtime through a bundle
+    exported once into the user cache when ONNX Runtime and the exporter are installed
+    (``backend="auto"`` or ``"onnxruntime"``), else on torch.
+    """
     from .default_model import resolve_model
     from .sampler import Sampler
 
     if bundle is not None:
-        return Sampler.load(bundle, backend=None)
-    return Sampler.load(resolve_model(model), backend=None)
+        return Sampler.load(bundle, backend=None if backend == "auto" else backend)
+    model_dir = resolve_model(model)
+    if backend in ("auto", "onnxruntime"):
+        exported = _cached_bundle(Path(model_dir), batch)
+        if exported is not None:
+            return Sampler.load(exported, backend="onnxruntime")
+        if backend == "onnxruntime":
+            from .errors import BackendUnavailableError
+
+            raise BackendUnavailableError("--backend onnxruntime needs onnxruntime and onnx: pip install 'cfgswitch[cpu]'")
+    return Sampler.load(model_dir, backend="torch")
 
 
 def compare_plans(sampler, prompts: Sequence[str], steps: int = 30, guidance_scale: float = 7.5, seed: int = 0,
@@ -133,8 +173,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    sampler = load_demo_sampler(args.model, args.bundle)
-    where = "an exported bundle" if args.bundle else "a diffusers folder: export a bundle for onnxruntime/tensorrt"
+    sampler = load_demo_sampler(args.model, args.bundle, args.backend, len(prompts))
+    where = "an exported bundle" if sampler.backend != "torch" else "a diffusers folder; pip install 'cfgswitch[cpu]' for onnxruntime"
     print(f"backend: {sampler.backend} ({where}); model: {sampler.source}")
     results = compare_plans(sampler, prompts, args.steps, args.guidance_scale, args.seed, args.repeats)
     path = save_grid(results, prompts, Path(args.out))

@@ -12,11 +12,17 @@ from cfgswitch.demo import DEMO_PROMPTS
 
 
 @pytest.mark.slow
-def test_demo_writes_grid_and_table(tmp_path, capsys):
+@pytest.mark.parametrize("backend, expected", [("torch", "torch"), ("auto", "onnxruntime")])
+def test_demo_writes_grid_and_table(tmp_path, capsys, monkeypatch, backend, expected):
+    # auto picks the fastest installed backend: onnxruntime (installed for the tests) through a
+    # bundle exported once into the cache
+    monkeypatch.setenv("CFGSWITCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "grid.png"
-    assert main(["demo", "--out", str(out), "--steps", "4", "--repeats", "1"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "4", "--repeats", "1", "--backend", backend]) == 0
     text = capsys.readouterr().out
-    assert "backend: torch" in text
+    assert f"backend: {expected}" in text
+    if expected == "onnxruntime":
+        assert len(list((tmp_path / "cache" / "bundles").glob("shapes-*/manifest.json"))) == 1
     grid = Image.open(out)
     assert grid.size == (300 + 2 * 192, 22 + 192 * len(DEMO_PROMPTS))
     rows = dict(re.findall(r"^(always|switch:0\.5)\s+[\d.]+\s+(\d+)", text, flags=re.M))
