@@ -39,5 +39,14 @@ def tiny_sampler(tiny_model_dir):
     return Sampler.from_diffusers(tiny_model_dir)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: the tiny models run fastest on one, above all on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

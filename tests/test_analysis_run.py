@@ -20,13 +20,7 @@ from cfgswitch.analysis.trajectory import encode_texts, guided_trajectory
 from cfgswitch.cli import main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads contend and run far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 def test_guided_trajectory_reproduces_sampler_always(tiny_sampler):

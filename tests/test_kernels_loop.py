@@ -25,13 +25,7 @@ PLANS = ["always", "switch:0.5", "step:3", "timestep:500", "interval:0.25:0.75",
 CASES = [(p, late) for p in PLANS for late in (["uncond"] if p == "always" else ["uncond", "cond"])]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet runs fastest on one thread, and far faster on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
