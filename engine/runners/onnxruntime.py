@@ -19,6 +19,7 @@ from ..bundle import Bundle, check_bundle_request, verify_graphs
 from ..errors import BackendUnavailableError, InvalidArgumentError
 from ..io_specs import GRAPH_NAMES, GraphSpec, graph_spec, resolve_shape
 from .base import Runners
+from .graph_runners import GraphGuidedUNet, GraphTextEncoder, GraphUNet, GraphVaeDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -126,47 +127,6 @@ class OrtGraph:
         return y if y.dtype == torch.float32 else y.float()
 
 
-class OrtTextEncoder:
-    """:class:`~cfgswitch.runners.base.TextEncoderRunner` on ``text_encoder.onnx``."""
-
-    def __init__(self, graph: OrtGraph) -> None:
-        self.graph = graph
-
-    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.graph(input_ids)
-
-
-class OrtUNet:
-    """:class:`~cfgswitch.runners.base.UNetRunner` on ``unet.onnx`` (any row count)."""
-
-    def __init__(self, graph: OrtGraph) -> None:
-        self.graph = graph
-
-    def predict(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.graph(sample, timestep, encoder_hidden_states)
-
-
-class OrtGuidedUNet:
-    """:class:`~cfgswitch.runners.base.GuidedUNetRunner` on ``unet_cfg.onnx`` (concat, UNet, combine in one graph)."""
-
-    def __init__(self, graph: OrtGraph) -> None:
-        self.graph = graph
-
-    def predict_guided(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                       guidance_scale: torch.Tensor) -> torch.Tensor:
-        return self.graph(sample, timestep, encoder_hidden_states, guidance_scale)
-
-
-class OrtVaeDecoder:
-    """:class:`~cfgswitch.runners.base.VaeDecoderRunner` on ``vae_decoder.onnx``."""
-
-    def __init__(self, graph: OrtGraph) -> None:
-        self.graph = graph
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.graph(latents)
-
-
 def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequence[ProviderArg]] = None,
                         threads: Optional[int] = None, verify_files: bool = True) -> Runners:
     """The :class:`Runners` of a bundle on ONNX Runtime.
@@ -206,10 +166,10 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
         check_bundle_request(bundle, batch, height, width, exact_batch=False)
 
     return Runners(
-        text_encoder=OrtTextEncoder(graphs["text_encoder"]),
-        unet_cfg=OrtGuidedUNet(graphs["unet_cfg"]),
-        unet=OrtUNet(graphs["unet"]),
-        vae_decoder=OrtVaeDecoder(graphs["vae_decoder"]),
+        text_encoder=GraphTextEncoder(graphs["text_encoder"]),
+        unet_cfg=GraphGuidedUNet(graphs["unet_cfg"]),
+        unet=GraphUNet(graphs["unet"]),
+        vae_decoder=GraphVaeDecoder(graphs["vae_decoder"]),
         backend="onnxruntime",
         device=torch.device("cpu"),
         dtype=torch.float32,

@@ -18,7 +18,7 @@ import torch
 from ..bundle import Bundle, check_bundle_request, read_manifest
 from ..errors import BundleError
 from ..io_specs import GraphSpec, graph_spec
-from ..kernels_bridge import cfg_combine
+from ..runners.graph_runners import GraphGuidedUNet, GraphTextEncoder, GraphUNet, GraphVaeDecoder
 from ..runners.base import Runners
 
 logger = logging.getLogger(__name__)
@@ -65,46 +65,6 @@ class BlsGraph:
         return y.to(device=self.device, dtype=torch.float32)
 
 
-class BlsTextEncoder:
-    def __init__(self, graph: BlsGraph) -> None:
-        self.graph = graph
-
-    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.graph(input_ids)
-
-
-class BlsUNet:
-    def __init__(self, graph: BlsGraph) -> None:
-        self.graph = graph
-
-    def predict(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.graph(sample, timestep, encoder_hidden_states)
-
-
-class BlsGuidedUNet:
-    """The ``cfg`` role: the guided engine (two-engines), or the plain UNet on 2B rows and the combine here (shared)."""
-
-    def __init__(self, graph: BlsGraph, combine_outside: bool) -> None:
-        self.graph = graph
-        self.combine_outside = combine_outside
-
-    def predict_guided(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                       guidance_scale: torch.Tensor) -> torch.Tensor:
-        if not self.combine_outside:
-            return self.graph(sample, timestep, encoder_hidden_states, guidance_scale)
-        eps = self.graph(torch.cat([sample, sample]), torch.cat([timestep, timestep]), encoder_hidden_states)
-        uncond, cond = eps.chunk(2)
-        return cfg_combine(uncond, cond, guidance_scale)
-
-
-class BlsVaeDecoder:
-    def __init__(self, graph: BlsGraph) -> None:
-        self.graph = graph
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.graph(latents)
-
-
 def bls_runners(bundle: Bundle, models: Mapping[str, str], layout: str, backend: str = "tensorrt",
                 device: Optional[torch.device] = None, exact_batch: bool = False) -> Runners:
     """Runners over the engine models named in ``models`` (``text_encoder``, ``cfg``, ``late``, ``vae_decoder``)."""
@@ -122,10 +82,10 @@ def bls_runners(bundle: Bundle, models: Mapping[str, str], layout: str, backend:
                              build_hint=f"cfgswitch build {bundle.path.name} with that batch size and size")
 
     return Runners(
-        text_encoder=BlsTextEncoder(graph("text_encoder", "text_encoder")),
-        unet_cfg=BlsGuidedUNet(graph("cfg", "unet" if shared else "unet_cfg"), combine_outside=shared),
-        unet=BlsUNet(graph("late", "unet")),
-        vae_decoder=BlsVaeDecoder(graph("vae_decoder", "vae_decoder")),
+        text_encoder=GraphTextEncoder(graph("text_encoder", "text_encoder")),
+        unet_cfg=GraphGuidedUNet(graph("cfg", "unet" if shared else "unet_cfg"), combine_outside=shared),
+        unet=GraphUNet(graph("late", "unet")),
+        vae_decoder=GraphVaeDecoder(graph("vae_decoder", "vae_decoder")),
         backend=backend, device=dev, dtype=torch.float32,
         info={"bundle": str(bundle.path), "layout": layout, "models": dict(models), "bundle_dtype": bundle.dtype},
         check_request=check_request,
