@@ -162,7 +162,9 @@ class Sampler:
             negative_prompts (`str` or `list[str]`, optional): one per prompt (or one for all);
                 ``None`` means the empty prompt.
             steps (`int`, defaults to 30): denoising steps (UNet calls per image).
-            guidance_scale (`float`, defaults to 7.5): CFG weight ``w`` in ``u + w (c - u)``.
+            guidance_scale (`float`, defaults to 7.5): CFG weight ``w`` in ``u + w (c - u)``. At
+                ``w <= 1`` there is no guidance, as in diffusers: every step runs the B rows of
+                the prompt alone (the plan becomes ``switch:0:cond``; negative prompts go unused).
             scheduler (`str`, defaults to ``"ddim"``): a name from :data:`cfgswitch.SCHEDULER_NAMES`.
             plan (`str` or `GuidancePlan`, defaults to ``"always"``): which steps run guided.
             seed (`int` or `list[int]`, defaults to 0): an int gives image i the seed ``seed + i``;
@@ -185,6 +187,9 @@ class Sampler:
         guidance = v.check_guidance(guidance_scale)
         scheduler_class_name(scheduler)
         guidance_plan = GuidancePlan.parse(plan)
+        if guidance <= 1.0 and guidance_plan != GuidancePlan.switch_at(0.0, late="cond"):
+            logger.info("guidance_scale %s <= 1: no classifier-free guidance (plan %s -> switch:0:cond), as diffusers", guidance, guidance_plan)
+            guidance_plan = GuidancePlan.switch_at(0.0, late="cond")
         n_per = v.check_positive_int("num_images_per_prompt", num_images_per_prompt, 1, 1024)
         batch = len(prompt_list) * n_per
         seeds = v.check_seeds(seed, batch)

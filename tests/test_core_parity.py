@@ -79,3 +79,18 @@ def test_switch_differs_from_always(sampler):
     c = sampler.generate(PROMPTS[:1], steps=STEPS, plan="switch:0.5:cond", seed=1, output_type="np").images
     # the random tiny model barely reacts to text, so "different" means well above the parity tolerance
     assert np.abs(a - b).max() > 10 * TOL and np.abs(b - c).max() > 10 * TOL
+
+
+@pytest.mark.parametrize("guidance", [1.0, 0.5])
+def test_guidance_at_most_one_runs_no_cfg_as_diffusers(tiny_pipe, sampler, guidance):
+    """diffusers skips CFG for guidance_scale <= 1 (B rows of the prompt); so does generate."""
+    seeds = [3, 4]
+    ours = sampler.generate(PROMPTS[:2], NEGATIVES[:2], steps=STEPS, plan="always", guidance_scale=guidance,
+                            seed=seeds, output_type="np")
+    tiny_pipe.scheduler = make_scheduler("ddim", sampler.scheduler_config)
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    ref = tiny_pipe(PROMPTS[:2], negative_prompt=NEGATIVES[:2], num_inference_steps=STEPS, guidance_scale=guidance,
+                    generator=gens, output_type="np").images
+    assert np.abs(ours.images - ref).max() <= TOL
+    assert (ours.cfg_steps, ours.late_steps, ours.unet_rows) == (0, STEPS, 2 * STEPS)
+    assert ours.plan == "switch:0:cond" and ours.late_mode == "cond"

@@ -83,3 +83,82 @@ def test_cli_rejects_bad_arguments_before_training(tmp_path, capsys):
     assert main(["train-shapes", "--out", str(f)]) == 2
     assert "--out: expected a folder" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_loss_weights_follow_inverse_snr_between_one_and_the_cap():
+    from diffusers import DDPMScheduler
+
+    from cfgswitch.shapes.train import loss_weights
+    from cfgswitch.tiny_model import SD_SCHEDULER_CONFIG
+
+    a = DDPMScheduler.from_config({k: v for k, v in SD_SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"}).alphas_cumprod
+    assert torch.equal(loss_weights(a, 0.0), torch.ones(1000))
+    w = loss_weights(a, 5.0).double()
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-6)
+    assert (w.max() / w.min()).item() == pytest.approx(5.0, rel=1e-5)  # clamp(1/SNR, 1, 5), then normalised
+    inv_snr = (1 - a.double()) / a.double()
+    low, high = inv_snr < 1, inv_snr > 5
+    assert torch.allclose(w[low], w.min().expand(int(low.sum())))  # plain epsilon loss where the image shows
+    assert torch.allclose(w[high], w.max().expand(int(high.sum())))  # capped at high noise
+    mid = ~low & ~high
+    assert torch.allclose(w[mid] / w.min(), inv_snr[mid], rtol=1e-5)  # the x0 loss in between
+    assert bool((w[1:] >= w[:-1]).all())  # more noise, more weight
+
+
+def test_timesteps_skew_to_high_noise_below_power_one():
+    from cfgswitch.shapes.train import sample_timesteps
+
+    uniform = sample_timesteps(40000, 1.0, torch.Generator().manual_seed(0))
+    skewed = sample_timesteps(40000, 0.6, torch.Generator().manual_seed(0))
+    for t in (uniform, skewed):
+        assert t.dtype == torch.int64 and int(t.min()) >= 0 and int(t.max()) <= 999
+    # E[floor(1000 u)] = 499.5; E[1000 u**0.6] = 1000 / 1.6 = 625 (minus about 0.5 for the floor)
+    assert float(uniform.double().mean()) == pytest.approx(499.5, abs=5)
+    assert float(skewed.double().mean()) == pytest.approx(624.5, abs=5)
+    assert torch.equal(skewed, sample_timesteps(40000, 0.6, torch.Generator().manual_seed(0)))
+
+
+def test_set_overrides_are_typed_and_bad_ones_name_the_field():
+    from cfgswitch.errors import InvalidArgumentError
+    from cfgswitch.shapes.train_cli import parse_override
+
+    assert parse_override("x0_weight_cap=5") == ("x0_weight_cap", 5.0)
+    assert parse_override("unet-steps=300") == ("unet_steps", 300)
+    assert parse_override("unet_channels=32,64") == ("unet_channels", (32, 64))
+    assert parse_override("fp16=false") == ("fp16", False)
+    assert parse_override("device=cuda") == ("device", "cuda")
+    with pytest.raises(InvalidArgumentError, match=r"--set: expected NAME=VALUE with NAME one of .*got 'nope=1'"):
+        parse_override("nope=1")
+    with pytest.raises(InvalidArgumentError, match="--set: expected NAME=VALUE"):
+        parse_override("batch")
+    with pytest.raises(InvalidArgumentError, match="expected batch= a int value, got 'many'"):
+        parse_override("batch=many")
+    with pytest.raises(InvalidArgumentError, match="expected lr= a non-negative float, got '-1'"):
+        parse_override("lr=-1")
+    with pytest.raises(InvalidArgumentError, match="expected fp16= a bool value, got 'maybe'"):
+        parse_override("fp16=maybe")
+
+
+def test_cli_rejects_bad_device_and_time_limit_before_training(tmp_path, capsys):
+    from cfgswitch.cli import main
+
+    assert main(["train-shapes", "--out", str(tmp_path / "x"), "--max-minutes", "0"]) == 2
+    assert "--max-minutes: expected a positive number of minutes, got 0.0" in capsys.readouterr().err
+    assert main(["train-shapes", "--out", str(tmp_path / "x"), "--device", "nonsense"]) == 2
+    assert "--device: expected a torch device that exists here" in capsys.readouterr().err
+    assert main(["train-shapes", "--out", str(tmp_path / "x"), "--set", "lr"]) == 2
+    assert "--set: expected NAME=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_time_limit_stops_saves_and_checks(tmp_path):
+    """--max-minutes ends the UNet phase early, with the model saved and checked as at the end."""
+    cfg = TrainConfig(seed=4, **{**TINY, "eval_every": 1000, "eval_prompts": 2, "eval_steps": 2, "x0_weight_cap": 5.0})
+    cfg.max_minutes = 1e-4  # already past after the autoencoder: the first UNet step is the last
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    model = trainer.run()
+    phases = [h["phase"] for h in trainer.history]
+    assert [h["step"] for h in trainer.history if h["phase"] == "unet"] == [0]
+    assert phases[-3:] == ["time_limit", "save", "eval"], phases[-3:]
+    assert (model / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -71,12 +71,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--plans", default=",".join(CARD_PLANS))
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     import torch
 
     torch.set_num_threads(args.threads)
-    sampler = Sampler.from_diffusers(Path(args.model))
+    sampler = Sampler.from_diffusers(Path(args.model), device=args.device)
     res = evaluate(sampler, args.count, args.seed, args.plans.split(","), args.steps)
     text = json.dumps(res, indent=2)
     print(text)
