@@ -187,9 +187,11 @@ class Sampler:
         guidance = v.check_guidance(guidance_scale)
         scheduler_class_name(scheduler)
         guidance_plan = GuidancePlan.parse(plan)
-        if guidance <= 1.0 and guidance_plan != GuidancePlan.switch_at(0.0, late="cond"):
-            logger.info("guidance_scale %s <= 1: no classifier-free guidance (plan %s -> switch:0:cond), as diffusers", guidance, guidance_plan)
-            guidance_plan = GuidancePlan.switch_at(0.0, late="cond")
+        if guidance <= 1.0:  # as diffusers: no classifier-free guidance, the prompt's B rows every step
+            unguided = GuidancePlan.switch_at(0.0, late="cond")
+            if guidance_plan != unguided:
+                logger.info("guidance_scale %s <= 1: no classifier-free guidance (plan %s -> %s)", guidance, guidance_plan, unguided)
+            guidance_plan = unguided
         n_per = v.check_positive_int("num_images_per_prompt", num_images_per_prompt, 1, 1024)
         batch = len(prompt_list) * n_per
         seeds = v.check_seeds(seed, batch)
