@@ -7,14 +7,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import importlib
 
+from cfgswitch.backends.registry import BACKENDS as _REGISTRY, backend_names
 from cfgswitch.errors import BackendUnavailableError, InvalidArgumentError
 from cfgswitch.plans import GuidancePlan
 from cfgswitch.schedulers import scheduler_class_name
 
-#: Backends the harness knows.
-BACKENDS: Tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
+#: Backends the harness knows: every backend of the registry (:mod:`cfgswitch.backends.registry`).
+BACKENDS: Tuple[str, ...] = backend_names()
 #: Plans measured when ``--plans`` is not given.
-DEFAULT_PLANS: Tuple[str, ...] = ("always", "switch:0.5", "switch:0.5:cond", "interval:0.2:0.6", "adaptive:0.995")
+DEFAULT_PLANS: Tuple[str, ...] = ("always", "switch:0.5", "switch:0.5:cond", "interval:0.2:0.6", "adaptive:0.9997:min=0.2:cond")
 #: Switch points of the quality/time sweep (``--quality``).
 SWEEP_FRACTIONS: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BASELINES: Tuple[str, ...] = ("diffusers", "none")
@@ -188,11 +189,13 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
     for f in cfg.sweep:
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < float(f) < 1.0:
             raise InvalidArgumentError("sweep", "fractions strictly between 0 and 1", cfg.sweep)
-    if "tensorrt" in cfg.backends:
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("tensorrt") is None:
-            raise BackendUnavailableError("backend tensorrt: TensorRT is not installed (pip install 'cfgswitch[gpu]' on a GPU host)")
+    for name in cfg.backends:
+        entry = _REGISTRY[name]
+        if entry.source == "bundle" and entry.module and importlib.util.find_spec(entry.module) is None:
+            raise BackendUnavailableError(f"backend {name}: {entry.title or entry.module} is not installed "
+                                          f"({entry.install_hint()})")
     if "torch" in cfg.backends and cfg.bundle is not None and cfg.model is None:
         raise InvalidArgumentError("backend", "no 'torch' with --bundle alone (give --baseline-model DIR for the torch backend)", "torch")
     for name in ("height", "width"):

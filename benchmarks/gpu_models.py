@@ -1,8 +1,8 @@
-"""Random-weight UNets of the real SD 1.5 and SDXL sizes, and the runners the GPU suite times.
+"""Random-weight UNets of the real SD 1.5 and SDXL sizes that the GPU suite times.
 
 The configs are written out here (no download): speed does not depend on weight values.
-:class:`GraphedUNet` replays one manually captured CUDA graph per input shape;
-:class:`CompiledUNet` runs ``torch.compile(mode="reduce-overhead")`` (Inductor plus CUDA graphs).
+The suite runs them through the runtime's torch runners in each mode (eager, CUDA graphs,
+``torch.compile``: :mod:`cfgswitch.runners.torch_modes`), not through copies of them.
 """
 
 from __future__ import annotations
@@ -105,61 +105,5 @@ class AddedCondUNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **kwargs)
 
 
-class GraphedUNet:
-    """Replays a CUDA graph captured once per input shape (static buffers; the output is cloned)."""
-
-    def __init__(self, module: AddedCondUNet) -> None:
-        self.module = module
-        self.dtype = module.dtype
-        self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, Tuple[torch.Tensor, ...], torch.Tensor]] = {}
-        # One memory pool for every shape: graphs replay one at a time and each output is cloned at once.
-        self._pool = None
-
-    @torch.no_grad()
-    def _capture(self, args: Tuple[torch.Tensor, ...]):
-        static = tuple(a.clone() for a in args)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.module(*static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self.module(*static)[0]
-        return graph, static, out
-
-    @torch.no_grad()
-    def __call__(self, sample, timestep, encoder_hidden_states, return_dict: bool = False):
-        args = (sample, timestep.reshape(sample.shape[0]) if timestep.dim() else timestep.expand(sample.shape[0]), encoder_hidden_states)
-        key = tuple((tuple(a.shape), a.dtype) for a in args)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(args)
-        graph, static, out = self._graphs[key]
-        for dst, src in zip(static, args):
-            dst.copy_(src)
-        graph.replay()
-        return (out.clone(),)
-
-
-class CompiledUNet:
-    """``torch.compile(mode="reduce-overhead")``: Inductor kernels replayed under CUDA graphs (one per shape)."""
-
-    def __init__(self, module: AddedCondUNet) -> None:
-        self.module = module
-        self.dtype = module.dtype
-        # dynamic=None: the first new row count recompiles once with a symbolic batch; CUDA graphs
-        # are still recorded per shape. Four static compiles would cost minutes more.
-        self._fn = torch.compile(module, mode="reduce-overhead")
-
-    @torch.no_grad()
-    def __call__(self, sample, timestep, encoder_hidden_states, return_dict: bool = False):
-        if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
-            torch.compiler.cudagraph_mark_step_begin()
-        return (self._fn(sample, timestep, encoder_hidden_states)[0].clone(),)
-
-
-__all__ = ["AddedCondUNet", "CompiledUNet", "GraphedUNet", "MODELS", "SD15_UNET", "SDXL_UNET", "TINY_MODELS",
+__all__ = ["AddedCondUNet", "MODELS", "SD15_UNET", "SDXL_UNET", "TINY_MODELS",
            "build_unet", "count_parameters"]

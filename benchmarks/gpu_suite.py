@@ -2,8 +2,8 @@
 
 For each model it times the denoising loop (UNet, CFG combine, DDIM step; no text encoder or
 VAE) of: diffusers' loop written as its pipeline runs it (eager, always-CFG and with the
-CFG cutoff), and cfgswitch's loop (:func:`cfgswitch.loop.denoise`) on torch runners run
-eagerly, under manually captured CUDA graphs, and under ``torch.compile(mode="reduce-overhead")``;
+CFG cutoff), and cfgswitch's loop (:func:`cfgswitch.loop.denoise`) on the runtime's torch runners in each mode
+(``eager``, ``graphs``: one CUDA graph per shape, ``compile``: ``torch.compile(mode="reduce-overhead")``);
 plans ``always`` and ``switch:0.5``, batch 1 and 4, calls interleaved. It writes
 ``results.json``, ``report.md`` and plots per model, like ``cfgswitch bench``.
 
@@ -55,7 +55,7 @@ import torch  # noqa: E402
 
 from cfgswitch.benchmarks.derive import derive  # noqa: E402
 from cfgswitch.benchmarks.gpu_models import (  # noqa: E402
-    MODELS, TINY_MODELS, AddedCondUNet, CompiledUNet, GraphedUNet, build_unet, count_parameters)
+    MODELS, TINY_MODELS, AddedCondUNet, build_unet, count_parameters)
 from cfgswitch.benchmarks.machine import machine_info, scrub_paths  # noqa: E402
 from cfgswitch.benchmarks.measure import RoleInputs, interleaved, time_roles  # noqa: E402
 
@@ -63,11 +63,17 @@ VARIANTS = ("diffusers", "eager", "graphs", "compile")
 PLANS = ("always", "switch:0.5")
 
 
-def _runners(unet: Any, device: torch.device, dtype: torch.dtype):
+#: ``torch.compile`` options of the ``compile`` variant: Inductor kernels replayed under CUDA graphs.
+COMPILE_OPTIONS = {"mode": "reduce-overhead"}
+
+
+def _runners(unet: Any, device: torch.device, dtype: torch.dtype, mode: str = "eager"):
+    """The runtime's own torch runners (:class:`cfgswitch.runners.torch_runners.TorchUNet`) in ``mode``."""
     from cfgswitch.runners.base import Runners
+    from cfgswitch.runners.torch_modes import check_mode
     from cfgswitch.runners.torch_runners import TorchGuidedUNet, TorchUNet
 
-    plain = TorchUNet(unet)
+    plain = TorchUNet(unet, check_mode(mode, device), COMPILE_OPTIONS if mode == "compile" else None)
     return Runners(text_encoder=None, unet_cfg=TorchGuidedUNet(plain), unet=plain, vae_decoder=None,
                    backend="torch", device=device, dtype=dtype)
 
@@ -130,12 +136,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
             if v in variants:
                 variants.remove(v)
                 notes.append(f"{name}: variant {v} needs CUDA: not run on {device.type}")
-    engines = {"eager": wrapped}
-    if "graphs" in variants:
-        engines["graphs"] = GraphedUNet(wrapped)
-    if "compile" in variants:
-        engines["compile"] = CompiledUNet(wrapped)
-    runners = {v: _runners(engines[v], device, dtype) for v in engines}
+    modes = ["eager"] + [v for v in ("graphs", "compile") if v in variants]
+    runners = {v: _runners(wrapped, device, dtype, mode=v) for v in modes}
     text_width, gen = config["cross_attention_dim"], torch.Generator("cpu").manual_seed(0)
     max_b = max(args.batch)
     cond_all = torch.randn((max_b, 77, text_width), generator=gen).to(device, dtype)

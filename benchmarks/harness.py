@@ -7,7 +7,9 @@ Stages of :func:`run_benchmark`:
    calls of each role per round);
 3. run ``warmup + repeat`` rounds; each round calls every cell once, A B A B, starting at
    another cell each round; warm-up rounds are not recorded;
-4. compare images (always), and with ``quality`` run the switch-point sweep and the scorer;
+4. compare every cell's images with always-CFG's and score them (the shapes scorer, on a
+   shapes-world model: cheap, so no speed is reported without its quality); ``quality`` adds
+   the switch-point sweep;
 5. return the raw results with their ``derived`` block (see :mod:`.derive`).
 """
 
@@ -266,7 +268,7 @@ def _sweep_block(cfg: BenchConfig, cells: List[Cell]) -> Optional[Dict[str, Any]
 
 
 def _quality(cfg: BenchConfig, cells: List[Cell], scenes: Optional[List[Any]], notes: List[str]) -> Dict[str, Any]:
-    """Image comparisons: baseline parity always; per-plan L1/PSNR and scorer accuracies with ``quality``."""
+    """Image comparisons: baseline parity, per-plan L1/PSNR against always-CFG and scorer accuracies (every run)."""
     refs = {(c.system, c.backend, c.batch): c for c in cells if c.plan == "always"}
     out: Dict[str, Any] = {"reference": "the always-CFG cell of the same system, backend and batch (same seeds)",
                            "parity": {}, "cells": {}, "scorer": {}}
@@ -277,8 +279,6 @@ def _quality(cfg: BenchConfig, cells: List[Cell], scenes: Optional[List[Any]], n
             if twin is not None and twin.images is not None:
                 cmp = compare(twin.images, c.images)
                 out["parity"][c.id] = {"against": twin.id, "l1_mean": cmp["l1_mean"], "max_abs": cmp["max_abs"]}
-    if not cfg.quality:
-        return out
     top = max(cfg.batches)
     for c in cells:
         ref = refs.get((c.system, c.backend, c.batch))

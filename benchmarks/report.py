@@ -31,8 +31,21 @@ def _pct(x: Optional[float]) -> Optional[str]:
     return None if x is None else f"{x * 100:.1f}%"
 
 
+def cell_quality(results: Dict[str, Any], cell_id: str) -> Optional[str]:
+    """A cell's quality in one short string: the scorer's accuracy (all attributes) where scored,
+    else the mean PSNR against always-CFG of the same seeds; ``None`` when neither was measured."""
+    q = results.get("quality") or {}
+    acc = (q.get("scorer") or {}).get(cell_id)
+    if acc is not None and acc.get("all_attributes") is not None:
+        return f"{100 * acc['all_attributes']:.1f}%"
+    cmp = (q.get("cells") or {}).get(cell_id)
+    if cmp is not None:
+        return "identical" if cmp.get("psnr_mean_db") is None else f"{cmp['psnr_mean_db']:.1f} dB"
+    return None
+
+
 def headline_rows(results: Dict[str, Any]) -> List[List[Any]]:
-    """Per backend and batch: always vs ``switch:0.5`` end to end, ideal vs realized, against diffusers."""
+    """Per backend and batch: always vs ``switch:0.5`` end to end, ideal vs realized, against diffusers, and quality."""
     d = results["derived"]["cells"]
     rows = []
     for cell in results["cells"]:
@@ -43,12 +56,29 @@ def headline_rows(results: Dict[str, Any]) -> List[List[Any]]:
         label = "diffusers pipeline" if cell["system"] == "diffusers" else f"cfgswitch {cell['backend']}"
         rows.append([label, cell["batch"], _ms(a.get("total_median_s")), _ms(s["total_median_s"]), _x(s["ideal_speedup"]),
                      _x(s["realized_speedup"]), _pct(s["realized_fraction"]), _pct(s["loop_realized_fraction"]),
-                     _x(s["speedup_vs_diffusers_always"])])
+                     _x(s["speedup_vs_diffusers_always"]), cell_quality(results, ref), cell_quality(results, cell["id"])])
     return rows
 
 
 HEADLINE_HEADER = ["system", "batch", "always ms", "switch:0.5 ms", "ideal", "realized", "realized/ideal",
-                   "loop realized/ideal", "vs diffusers always"]
+                   "loop realized/ideal", "vs diffusers always", "always quality", "switch:0.5 quality"]
+#: What the quality columns hold (printed under every speed table).
+QUALITY_NOTE = ("quality = the shapes scorer's accuracy over all attributes (a shapes-world model, the largest batch), "
+                "else the mean PSNR against always-CFG of the same seeds; empty where not measured")
+
+
+def plans_table(results: Dict[str, Any]) -> str:
+    """Every plan of the run at the largest batch: time, speedup and quality side by side."""
+    d = results["derived"]["cells"]
+    top = max(results["config"]["batches"])
+    rows = []
+    for c in results["cells"]:
+        if c["system"] != "cfgswitch" or c["batch"] != top or c["plan"] not in results["config"]["plans"]:
+            continue
+        s = d[c["id"]]
+        rows.append([c["backend"], c["plan"], c["batch"], c["unet_rows"], _ms(s["total_median_s"]), _x(s["realized_speedup"]),
+                     cell_quality(results, c["id"])])
+    return md_table(["backend", "plan", "batch", "UNet rows", "median ms", "speedup", "quality"], rows)
 
 
 def headline_table(results: Dict[str, Any]) -> str:
@@ -70,10 +100,10 @@ def cells_table(results: Dict[str, Any], sweep: bool = False) -> str:
                      _ms(st.get("text")), _ms(st.get("unet_cfg")), _ms(st.get("unet_late")), _ms(st.get("scheduler")),
                      _ms(st.get("vae")), None if s.get("host_overhead_per_step_s") is None else f"{s['host_overhead_per_step_s'] * 1e3:.3f}",
                      _x(s["ideal_speedup"]), _x(s["realized_speedup"]), _pct(s["realized_fraction"]),
-                     _pct(s["saved_fraction_of_ideal"]), _x(s["speedup_vs_diffusers_always"])])
+                     _pct(s["saved_fraction_of_ideal"]), _x(s["speedup_vs_diffusers_always"]), cell_quality(results, c["id"])])
     header = ["system", "backend", "plan", "batch", "cfg/late", "UNet rows", "median ms", "min ms", "max ms", "img/s",
               "text ms", "unet_cfg ms", "unet_late ms", "sched ms", "vae ms", "host ms/step", "ideal", "realized",
-              "real/ideal", "saved/ideal saved", "vs diffusers"]
+              "real/ideal", "saved/ideal saved", "vs diffusers", "quality"]
     return md_table(header, rows)
 
 
@@ -148,7 +178,11 @@ def report_markdown(results: Dict[str, Any], plots: Sequence[str] = ()) -> str:
         "",
         "ideal = speedup if only the UNet took time, from the directly timed cfg and late calls; realized = end to end; "
         "loop realized/ideal = the same on the denoising loop alone. Every ratio is recomputable from `results.json` "
-        "(raw timings per call; see cfgswitch.benchmarks.derive).",
+        "(raw timings per call; see cfgswitch.benchmarks.derive). " + QUALITY_NOTE + ".",
+        "",
+        "## Every plan: speed and quality",
+        "",
+        plans_table(results),
         "",
         "## Targets",
         "",

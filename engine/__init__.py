@@ -1,7 +1,7 @@
 """cfgswitch: a compiled sampler engine for latent text-to-image diffusion.
 
 Classifier-free guidance runs only while the prompt matters (the first steps);
-afterwards the UNet runs on one row per image. See README.md and DESIGN.md.
+afterwards the UNet runs on one row per image. See README.md and docs/architecture.md.
 
 Importing this package is cheap: it loads no model and probes no hardware.
 """
@@ -31,6 +31,10 @@ def __getattr__(name: str):
         from .sampler import Sampler
 
         return Sampler
+    if name == "StepEngine":
+        from .step_engine import StepEngine
+
+        return StepEngine
     if name == "HAS_KERNELS":
         from .kernels_bridge import HAS_COMPILED
 
@@ -51,6 +55,7 @@ __all__ = [
     "PlanParseError",
     "SCHEDULER_NAMES",
     "Sampler",
+    "StepEngine",
     "UnknownSchedulerError",
     "__version__",
 ]

@@ -3,6 +3,12 @@
 The runtime side of a bundle: it never imports the exporter. Every problem is a
 :class:`~cfgswitch.errors.BundleError` that names the file and what is wrong; a
 request the bundle cannot serve names the export flag that would allow it.
+
+A bundle is sealed: every file its manifest names (graphs, external data, tokenizer,
+scheduler config, TensorRT plans) must resolve, after symlinks, inside the bundle folder,
+and the tokenizer files and the scheduler config are checked against the sha256 the
+manifest records in ``files`` (the graphs and plans carry their own). A manifest without
+``files`` was written before the seal and is refused with a re-export hint.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ SCHEMA_VERSION = 1
 REQUIRED_KEYS = ("format", "schema_version", "model", "dims", "vae_scaling_factor", "sample_size", "dtype",
                  "batch_sizes", "image_sizes", "tokenizer", "scheduler_config", "graphs", "roles")
 _DTYPES = ("float32", "float16")
+#: Manifest key of the sha256 and size of every tokenizer file and of the scheduler config.
+FILES_KEY = "files"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -99,26 +107,57 @@ class Bundle:
             raise BundleError(f"bundle {self.path}: manifest.json has no graph {name!r} (re-export the bundle)") from None
 
     def graph_path(self, name: str) -> Path:
-        """Path of graph ``name``'s ONNX file."""
-        return self.path / self.graph_entry(name)["file"]
+        """Path of graph ``name``'s ONNX file (checked to lie inside the bundle)."""
+        return bundle_file(self.path, self.graph_entry(name)["file"], f"graphs.{name}.file")
 
     def scheduler_config(self) -> Dict[str, Any]:
-        """The model's scheduler config."""
-        p = self.path / self.manifest["scheduler_config"]
+        """The model's scheduler config, checked against its recorded sha256 before it is parsed."""
+        rel = self.manifest["scheduler_config"]
+        p = bundle_file(self.path, rel, "scheduler_config")
         try:
-            return json.loads(p.read_text())
-        except FileNotFoundError:
-            raise BundleError(f"bundle {self.path}: missing {self.manifest['scheduler_config']} (re-export the bundle)") from None
-        except json.JSONDecodeError as e:
-            raise BundleError(f"bundle {self.path}: {self.manifest['scheduler_config']} is not valid JSON ({e})") from None
+            data = p.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise BundleError(f"bundle {self.path}: missing {rel} (re-export the bundle)") from None
+        check_recorded(self, rel, hashlib.sha256(data).hexdigest(), len(data), "scheduler config")
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"bundle {self.path}: {rel} is not valid JSON ({e})") from None
+
+    def tokenizer_files(self) -> Dict[str, Path]:
+        """``{manifest path: file}`` of the tokenizer folder, each checked against its recorded sha256.
+
+        Raises:
+            BundleError: the folder is missing, a file is missing, changed, not recorded in the
+                manifest, or resolves outside the bundle.
+        """
+        rel = str(self.manifest["tokenizer"])
+        d = bundle_file(self.path, rel, "tokenizer")
+        if not d.is_dir():
+            raise BundleError(f"bundle {self.path}: missing tokenizer folder {rel}/ (re-export the bundle)")
+        prefix = rel.rstrip("/") + "/"
+        recorded = {k for k in self.manifest[FILES_KEY] if k.startswith(prefix)}
+        present: Dict[str, Path] = {}
+        for f in sorted((self.path / rel).rglob("*")):
+            if f.is_dir():
+                continue
+            key = prefix + f.relative_to(self.path / rel).as_posix()
+            present[key] = bundle_file(self.path, key, f"tokenizer file {key}")
+        for key in sorted(set(present) - recorded):
+            raise BundleError(f"bundle {self.path}: tokenizer file {key} is not recorded in {MANIFEST_NAME} "
+                              "(added after the export; re-export the bundle)")
+        for key in sorted(recorded - set(present)):
+            raise BundleError(f"bundle {self.path}: tokenizer file {key} is missing (re-export the bundle)")
+        for key, f in present.items():
+            check_recorded(self, key, sha256_file(f), f.stat().st_size, "tokenizer file")
+        return present
 
     def load_tokenizer(self):
-        """The CLIP tokenizer saved in the bundle."""
+        """The CLIP tokenizer saved in the bundle (its files checked first, see :meth:`tokenizer_files`)."""
         from transformers import CLIPTokenizer
 
+        self.tokenizer_files()
         d = self.path / self.manifest["tokenizer"]
-        if not d.is_dir():
-            raise BundleError(f"bundle {self.path}: missing tokenizer folder {self.manifest['tokenizer']}/ (re-export the bundle)")
         try:
             return CLIPTokenizer.from_pretrained(d)
         except (OSError, ValueError) as e:
@@ -150,7 +189,9 @@ def read_manifest(path: "str | Path") -> Bundle:
         manifest = json.loads(mf.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"bundle {p}: {MANIFEST_NAME} is malformed ({e}); re-export the bundle") from None
-    return Bundle(p, check_manifest(manifest, p))
+    bundle = Bundle(p, check_manifest(manifest, p))
+    check_paths(bundle)
+    return bundle
 
 
 def check_manifest(manifest: Any, where: "str | Path" = "bundle") -> Dict[str, Any]:
@@ -186,7 +227,82 @@ def check_manifest(manifest: Any, where: "str | Path" = "bundle") -> Dict[str, A
         entry = graphs.get(name)
         if not isinstance(entry, dict) or not {"file", "sha256", "inputs", "outputs"} <= set(entry):
             raise BundleError(f"bundle {where}: {MANIFEST_NAME} is malformed: graph {name!r} missing or incomplete")
+    files = manifest.get(FILES_KEY)
+    if files is None:
+        raise BundleError(
+            f"bundle {where}: {MANIFEST_NAME} records no sha256 of the tokenizer and scheduler config (written by an "
+            f"older cfgswitch, before bundles were sealed); re-export the bundle: cfgswitch export MODEL_DIR --out {where}"
+        )
+    if not (isinstance(files, dict) and all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values())):
+        raise BundleError(f"bundle {where}: {MANIFEST_NAME} is malformed: {FILES_KEY} is not an object of sha256 records")
+    if manifest["scheduler_config"] not in files:
+        raise BundleError(f"bundle {where}: {MANIFEST_NAME} is malformed: {FILES_KEY} has no record of the scheduler "
+                          f"config {manifest['scheduler_config']!r}")
     return manifest
+
+
+# ---------------------------------------------------------------- the seal
+def bundle_file(root: Path, rel: Any, entry: str) -> Path:
+    """``root / rel``, refused unless it resolves (after symlinks) inside ``root``.
+
+    Args:
+        root (`Path`): the bundle directory.
+        rel (`str`): a path as the manifest records it (relative, ``/``-separated).
+        entry (`str`): the manifest entry that names it (for the message).
+
+    Raises:
+        BundleError: ``rel`` is not a non-empty relative path, or it (or a symlink on the way)
+            leads outside the bundle; the message names the entry.
+    """
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise BundleError(f"bundle {root}: manifest entry {entry} is not a file path inside the bundle (got {rel!r})")
+    if Path(rel).is_absolute():
+        raise BundleError(f"bundle {root}: manifest entry {entry} names the absolute path {rel!r}; "
+                          "a bundle names only files inside itself (refused)")
+    base = root.resolve()
+    target = (root / rel).resolve()
+    if target != base and base not in target.parents:
+        how = "" if ".." in Path(rel).parts else "through a symlink "
+        raise BundleError(f"bundle {root}: manifest entry {entry} ({rel}) resolves {how}outside the bundle "
+                          "(refused; a bundle names only files inside itself)")
+    return root / rel
+
+
+def _named_files(bundle: Bundle) -> List[Tuple[str, Any]]:
+    """``(entry, path)`` of every file and folder the manifest names."""
+    m = bundle.manifest
+    named: List[Tuple[str, Any]] = [("tokenizer", m["tokenizer"]), ("scheduler_config", m["scheduler_config"])]
+    for name, entry in m["graphs"].items():
+        named.append((f"graphs.{name}.file", entry.get("file")))
+        if entry.get("external_data"):
+            named.append((f"graphs.{name}.external_data.file", entry["external_data"].get("file")))
+    for role, entry in (m.get("roles") or {}).items():
+        if isinstance(entry, dict) and "file" in entry:
+            named.append((f"roles.{role}.file", entry["file"]))
+    for layout, rec in (m.get("engines") or {}).items():
+        for plan, entry in ((rec or {}).get("plans") or {}).items():
+            named.append((f"engines.{layout}.plans.{plan}.file", (entry or {}).get("file")))
+    named += [(f"{FILES_KEY}[{rel!r}]", rel) for rel in m[FILES_KEY]]
+    return named
+
+
+def check_paths(bundle: Bundle) -> None:
+    """Refuse a manifest that names any file outside the bundle (see :func:`bundle_file`)."""
+    for entry, rel in _named_files(bundle):
+        bundle_file(bundle.path, rel, entry)
+
+
+def check_recorded(bundle: Bundle, rel: str, digest: str, size: int, what: str) -> None:
+    """Compare a file's sha256 and size with its record in the manifest's ``files``."""
+    record = bundle.manifest[FILES_KEY].get(rel)
+    if record is None:
+        raise BundleError(f"bundle {bundle.path}: {what} {rel} has no sha256 in {MANIFEST_NAME} (re-export the bundle)")
+    size_ok = record.get("bytes") is None or record["bytes"] == size
+    if not size_ok or record["sha256"] != digest:
+        raise BundleError(
+            f"bundle {bundle.path}: {what} {rel} has sha256 {digest[:16]}..., the manifest records "
+            f"{record['sha256'][:16]}... (edited or replaced; re-export the bundle)"
+        )
 
 
 def verify_graphs(bundle: Bundle, names: Iterable[str] = GRAPH_NAMES) -> None:
@@ -206,8 +322,8 @@ def verify_graphs(bundle: Bundle, names: Iterable[str] = GRAPH_NAMES) -> None:
 
 
 def verify_file(root: Path, rel: str, digest: str, size: Optional[int], graph: str) -> None:
-    """Check one file of the bundle (``rel`` under ``root``) against its recorded size and sha256."""
-    f = root / rel
+    """Check one file of the bundle (``rel`` under ``root``, never outside it) against its recorded size and sha256."""
+    f = bundle_file(root, rel, f"graph {graph!r} file")
     if not f.is_file():
         raise BundleError(f"bundle {root}: graph {graph!r} file {rel} is missing (re-export the bundle)")
     actual_size = f.stat().st_size
@@ -264,6 +380,7 @@ def tensor_table(entries: Iterable[Mapping[str, Any]]) -> Dict[str, Mapping[str,
 
 
 __all__ = [
-    "BUNDLE_FORMAT", "Bundle", "MANIFEST_NAME", "SCHEMA_VERSION", "check_bundle_request", "check_manifest",
-    "read_manifest", "sha256_file", "tensor_table", "verify_file", "verify_graphs",
+    "BUNDLE_FORMAT", "Bundle", "FILES_KEY", "MANIFEST_NAME", "SCHEMA_VERSION", "bundle_file", "check_bundle_request",
+    "check_manifest", "check_paths", "check_recorded", "read_manifest", "sha256_file", "tensor_table", "verify_file",
+    "verify_graphs",
 ]

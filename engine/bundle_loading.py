@@ -2,81 +2,26 @@
 
 The backend is chosen once here; with ``backend=None`` the best installed one is
 picked (TensorRT when it imports and the bundle has plans, else ONNX Runtime) and
-logged. A backend whose package is missing raises
-:class:`~cfgswitch.errors.BackendUnavailableError` naming the extra to install.
+logged. Names, options and factories come from :mod:`cfgswitch.backends.registry`; the
+sampler is put together by :func:`cfgswitch.backends.assembly.assemble`. A backend whose
+package is missing raises :class:`~cfgswitch.errors.BackendUnavailableError` naming the
+extra to install.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-from .bundle import Bundle, read_manifest
-from .errors import BackendUnavailableError, InvalidArgumentError
+from .backends.assembly import assemble, bundle_runners, has_tensorrt_plans, pick_backend
+from .backends.registry import BACKENDS
+from .bundle import read_manifest
 
 logger = logging.getLogger(__name__)
 
-#: Options each bundle backend accepts (``Sampler.load(..., **options)``).
-BACKEND_OPTIONS: Dict[str, Tuple[str, ...]] = {
-    "onnxruntime": ("providers", "threads", "verify_files"),
-    "tensorrt": ("cuda_graphs", "layout", "device", "verify_files"),
-}
-
-
-def _importable(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-        return True
-    except Exception:  # noqa: BLE001 - a broken install (tensorrt without its libraries) raises OSError and others
-        return False
-
-
-def has_tensorrt_plans(bundle: Bundle) -> bool:
-    """Whether ``cfgswitch build`` recorded plans in the bundle and their files are there."""
-    for layout in bundle.engines().values():
-        files = [e.get("file") for e in (layout.get("plans") or {}).values()]
-        if files and all(f and (bundle.path / f).is_file() for f in files):
-            return True
-    return False
-
-
-def pick_backend(bundle: Bundle, importable: Callable[[str], bool] = _importable) -> Tuple[str, str]:
-    """``(backend, reason)``: the best installed backend for ``bundle``.
-
-    Raises:
-        BackendUnavailableError: neither ONNX Runtime nor TensorRT is installed.
-    """
-    plans = has_tensorrt_plans(bundle)
-    if plans and importable("tensorrt"):
-        return "tensorrt", "TensorRT is installed and the bundle has plans"
-    if importable("onnxruntime"):
-        reason = "the bundle has TensorRT plans but tensorrt does not import" if plans else "the bundle has no TensorRT plans"
-        return "onnxruntime", reason
-    raise BackendUnavailableError(
-        "a bundle needs ONNX Runtime or TensorRT and neither is installed; "
-        "install one with: pip install 'cfgswitch[cpu]' (ONNX Runtime) or pip install 'cfgswitch[gpu]' (TensorRT, CUDA)"
-    )
-
-
-def bundle_runners(bundle: Bundle, backend: str, **options: Any):
-    """The :class:`~cfgswitch.runners.base.Runners` of ``bundle`` on ``backend``."""
-    if backend not in BACKEND_OPTIONS:
-        raise InvalidArgumentError(
-            "backend", "'onnxruntime' or 'tensorrt' for a bundle (the torch backend runs a diffusers folder)", backend
-        )
-    unknown = sorted(set(options) - set(BACKEND_OPTIONS[backend]))
-    if unknown:
-        raise InvalidArgumentError(f"options of backend {backend!r}", f"some of {', '.join(BACKEND_OPTIONS[backend])}",
-                                   ", ".join(unknown))
-    if backend == "onnxruntime":
-        from .runners.onnxruntime import onnxruntime_runners
-
-        return onnxruntime_runners(bundle, **options)
-    from .runners.tensorrt import tensorrt_runners
-
-    return tensorrt_runners(bundle, **options)
+#: Options each bundle backend accepts (``Sampler.load(..., **options)``), read from the registry.
+BACKEND_OPTIONS: Dict[str, Tuple[str, ...]] = {n: e.options for n, e in BACKENDS.items() if e.source == "bundle"}
 
 
 def load_bundle_sampler(sampler_cls, path: "str | Path", backend: Optional[str] = None, **options: Any):
@@ -85,7 +30,7 @@ def load_bundle_sampler(sampler_cls, path: "str | Path", backend: Optional[str] 
     Args:
         sampler_cls: :class:`cfgswitch.Sampler` (or a subclass).
         path (`str` or `Path`): the bundle directory.
-        backend (`str`, optional): ``onnxruntime`` or ``tensorrt``; ``None`` picks and logs.
+        backend (`str`, optional): a bundle backend of the registry; ``None`` picks and logs.
         options: backend options (see :data:`BACKEND_OPTIONS`).
 
     Raises:
@@ -97,9 +42,7 @@ def load_bundle_sampler(sampler_cls, path: "str | Path", backend: Optional[str] 
     if backend is None:
         backend, reason = pick_backend(bundle)
         logger.info("backend: %s (%s)", backend, reason)
-    runners = bundle_runners(bundle, backend, **options)
-    tokenizer = bundle.load_tokenizer()
-    return sampler_cls(runners, tokenizer, bundle.scheduler_config(), bundle.model_spec(), source=str(path))
+    return assemble(bundle, backend, sampler_cls=sampler_cls, source=str(path), **options)
 
 
 __all__ = ["BACKEND_OPTIONS", "bundle_runners", "has_tensorrt_plans", "load_bundle_sampler", "pick_backend"]

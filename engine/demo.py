@@ -2,7 +2,8 @@
 
 It loads the default model (or a bundle given with ``--bundle``) on the fastest backend
 installed for it, generates a few prompts with ``always()`` and with ``switch_at(0.5)``,
-saves one PNG grid and prints the time per image, the UNet rows of each plan and the speedup.
+saves one PNG grid (``grid.png`` in ``--out``, by default ``./cfgswitch-demo/``) and prints
+the time per image, the UNet rows of each plan and the speedup.
 """
 
 from __future__ import annotations
@@ -12,6 +13,15 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from .cli_options import (
+    add_model_option,
+    add_overwrite_option,
+    add_sampling_options,
+    add_threads_option,
+    apply_threads,
+    check_output_folder,
+    check_threads,
+)
 from .errors import InvalidArgumentError
 
 logger = logging.getLogger(__name__)
@@ -25,22 +35,25 @@ DEMO_PROMPTS = (
 )
 #: The two plans the demo compares.
 DEMO_PLANS = ("always", "switch:0.5")
+#: Where the demo writes when ``--out`` is not given (the repository's .gitignore lists it).
+DEFAULT_OUT = "cfgswitch-demo"
+#: The grid's file name inside ``--out``.
+GRID_NAME = "grid.png"
 
 
 def add_parser(sub) -> None:
     """Register ``demo``."""
     p = sub.add_parser("demo", help="generate a few prompts with and without the CFG switch, save a PNG grid")
-    p.add_argument("--out", default="cfgswitch-demo.png", help="PNG grid to write (default: cfgswitch-demo.png)")
-    p.add_argument("--model", default="default", help="diffusers folder (default: the embedded shapes model)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder; the grid is {GRID_NAME} in it")
+    add_overwrite_option(p)
+    add_model_option(p)
     p.add_argument("--bundle", default=None, help="an exported bundle to run instead (its fastest backend is used)")
     p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
                    help="auto (default): ONNX Runtime through a bundle exported once into the user cache when "
                         "onnxruntime is installed, else torch")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG weight (default 7.5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per plan; the fastest counts (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is faster on a busy CPU)")
+    add_sampling_options(p, plan=False, guidance_dest="guidance_scale")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per plan; the fastest counts")
+    add_threads_option(p)
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: four demo prompts)")
     p.set_defaults(func=run)
 
@@ -50,10 +63,15 @@ def _check(args: argparse.Namespace) -> None:
         raise InvalidArgumentError("--steps", "an integer >= 2", args.steps)
     if args.repeats < 1:
         raise InvalidArgumentError("--repeats", "a positive integer", args.repeats)
-    if args.threads is not None and args.threads < 1:
-        raise InvalidArgumentError("--threads", "a positive integer", args.threads)
-    if not str(args.out).lower().endswith(".png"):
-        raise InvalidArgumentError("--out", "a .png path", args.out)
+    check_threads(args.threads)
+    from . import validation as v
+    from .schedulers import scheduler_class_name
+
+    scheduler_class_name(args.scheduler)
+    v.check_guidance(args.guidance_scale)
+    prompts = v.check_prompts(list(args.prompt)) if args.prompt else list(DEMO_PROMPTS)
+    v.check_seeds(args.seed, len(prompts))
+    check_output_folder(args.out, args.overwrite)
     if args.bundle is not None and not (Path(args.bundle) / "manifest.json").is_file():
         raise InvalidArgumentError("--bundle", "a bundle folder with manifest.json", args.bundle)
 
@@ -76,18 +94,30 @@ def _cached_bundle(model_dir: Path, batch: int) -> "Path | None":
     cache = Path(os.environ.get("CFGSWITCH_CACHE", Path.home() / ".cache" / "cfgswitch"))
     bundle = cache / "bundles" / f"{model_dir.name}-{digest.hexdigest()[:16]}-b{batch}"
     if (bundle / "manifest.json").is_file():
-        return bundle
+        from .bundle import read_manifest
+        from .errors import BundleError
+
+        try:
+            read_manifest(bundle)
+            return bundle
+        except BundleError as e:  # written by an older cfgswitch (no sealed files, say): export it again
+            logger.info("the cached bundle %s is refused (%s); exporting it again", bundle, e)
+            export = export_bundle_if_available(model_dir, bundle, batch_sizes=sorted({1, batch}), overwrite=True)
+            return export
     logger.info("exporting %s to an ONNX bundle for the fastest installed backend (once): %s", model_dir, bundle)
     return export_bundle_if_available(model_dir, bundle, batch_sizes=sorted({1, batch}))
 
 
-def load_demo_sampler(model: str = "default", bundle: "str | None" = None, backend: str = "auto", batch: int = 4):
+def load_demo_sampler(model: str = "default", bundle: "str | None" = None, backend: str = "auto", batch: int = 4,
+                      threads: "int | None" = None):
     """The sampler the demo runs: the fastest installed backend for the model.
 
     A bundle runs on its best backend. A diffusers folder runs on ONNX Runtime through a bundle
     exported once into the user cache when ONNX Runtime and the exporter are installed
-    (``backend="auto"`` or ``"onnxruntime"``), else on torch.
+    (``backend="auto"`` or ``"onnxruntime"``), else on torch. ``threads`` sets ONNX Runtime's
+    intra-op threads (torch's are set by the caller).
     """
+    ort_options = {"threads": threads} if threads is not None else {}
     from .default_model import resolve_model
     from .sampler import Sampler
 
@@ -97,7 +127,7 @@ def load_demo_sampler(model: str = "default", bundle: "str | None" = None, backe
     if backend in ("auto", "onnxruntime"):
         exported = _cached_bundle(Path(model_dir), batch)
         if exported is not None:
-            return Sampler.load(exported, backend="onnxruntime")
+            return Sampler.load(exported, backend="onnxruntime", **ort_options)
         if backend == "onnxruntime":
             from .errors import BackendUnavailableError
 
@@ -106,13 +136,14 @@ def load_demo_sampler(model: str = "default", bundle: "str | None" = None, backe
 
 
 def compare_plans(sampler, prompts: Sequence[str], steps: int = 30, guidance_scale: float = 7.5, seed: int = 0,
-                  repeats: int = 3, plans: Sequence[str] = DEMO_PLANS) -> Dict[str, Dict]:
+                  repeats: int = 3, plans: Sequence[str] = DEMO_PLANS, scheduler: str = "ddim") -> Dict[str, Dict]:
     """Per plan: images, best seconds per image over ``repeats`` runs, UNet rows of the batch."""
-    sampler.generate(list(prompts), steps=2, guidance_scale=guidance_scale, seed=seed)  # warm-up, same batch
+    sampler.generate(list(prompts), steps=2, guidance_scale=guidance_scale, seed=seed, scheduler=scheduler)  # warm-up
     best: Dict[str, object] = {}
     for _ in range(repeats):  # plans interleaved, so a busy machine slows both alike
         for plan in plans:
-            out = sampler.generate(list(prompts), steps=steps, guidance_scale=guidance_scale, plan=plan, seed=seed)
+            out = sampler.generate(list(prompts), steps=steps, guidance_scale=guidance_scale, plan=plan, seed=seed,
+                                   scheduler=scheduler)
             if plan not in best or out.timings["total"] < best[plan].timings["total"]:
                 best[plan] = out
     return {
@@ -169,15 +200,16 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; returns 0."""
     _check(args)
     prompts = list(args.prompt) if args.prompt else list(DEMO_PROMPTS)
-    if args.threads is not None:
-        import torch
+    apply_threads(args.threads)
+    from .cli import route_library_logs
 
-        torch.set_num_threads(args.threads)
-    sampler = load_demo_sampler(args.model, args.bundle, args.backend, len(prompts))
+    route_library_logs()
+    sampler = load_demo_sampler(args.model, args.bundle, args.backend, len(prompts), args.threads)
     where = "an exported bundle" if sampler.backend != "torch" else "a diffusers folder; pip install 'cfgswitch[cpu]' for onnxruntime"
     print(f"backend: {sampler.backend} ({where}); model: {sampler.source}")
-    results = compare_plans(sampler, prompts, args.steps, args.guidance_scale, args.seed, args.repeats)
-    path = save_grid(results, prompts, Path(args.out))
+    results = compare_plans(sampler, prompts, args.steps, args.guidance_scale, args.seed, args.repeats,
+                            scheduler=args.scheduler)
+    path = save_grid(results, prompts, Path(args.out) / GRID_NAME)
     print(f"{len(prompts)} prompts, {args.steps} steps, guidance {args.guidance_scale}, batch of {len(prompts)}:")
     for line in format_table(results):
         print(line)

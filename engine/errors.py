@@ -56,10 +56,38 @@ class EngineMismatchError(BundleError):
     """A TensorRT plan was built for another TensorRT version or GPU; the message names the rebuild command."""
 
 
+class EngineClosedError(CfgSwitchError):
+    """Work was submitted to a :class:`~cfgswitch.step_engine.StepEngine` after ``close()``."""
+
+
+class QueueFullError(CfgSwitchError):
+    """The step engine's queue holds ``max_queue`` requests already; the request was not taken."""
+
+
+class DeadlineExceededError(CfgSwitchError, TimeoutError):
+    """A request's deadline passed before it finished; its work was dropped."""
+
+
+class RequestFailedError(CfgSwitchError):
+    """A request's own work failed inside a shared iteration (for example non-finite latents).
+
+    The other requests of that iteration go on; only this one fails.
+    """
+
+
+class EngineExecutionError(CfgSwitchError, RuntimeError):
+    """A compiled engine refused a call at run time (a profile, shape or address TensorRT rejected, no context)."""
+
+
 __all__ = [
     "BackendUnavailableError",
+    "DeadlineExceededError",
+    "EngineClosedError",
+    "QueueFullError",
+    "RequestFailedError",
     "BundleError",
     "CfgSwitchError",
+    "EngineExecutionError",
     "EngineMismatchError",
     "InvalidArgumentError",
     "ModelLoadError",

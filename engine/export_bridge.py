@@ -10,12 +10,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 
-def export_bundle_if_available(model_dir: Path, out: Path, batch_sizes: Sequence[int]) -> Optional[Path]:
-    """Export ``model_dir`` to ``out`` (atomically) and return it; ``None`` when the exporter is absent."""
+def export_bundle_if_available(model_dir: Path, out: Path, batch_sizes: Sequence[int],
+                               overwrite: bool = False) -> Optional[Path]:
+    """Export ``model_dir`` to ``out`` (atomically) and return it; ``None`` when the exporter is absent.
+
+    An existing ``out`` is returned as it is, or replaced with ``overwrite``.
+    """
     try:
         from cfgswitch.export.exporter import ExportOptions, export_bundle
     except ImportError:
         return None
-    if out.exists():
+    if out.exists() and not overwrite:
         return out
-    return export_bundle(model_dir, out, ExportOptions(batch_sizes=list(batch_sizes)), progress=True)
+    return export_bundle(model_dir, out, ExportOptions(batch_sizes=list(batch_sizes), overwrite=overwrite), progress=True)

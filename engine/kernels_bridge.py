@@ -10,6 +10,8 @@ from cfgswitch.kernels import (
     compiled_available,
     guide_and_step,
     guide_and_step_reference,
+    rescale_noise_cfg_reference,
+    rows_for_modes,
 )
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "compiled_available",
     "guide_and_step",
     "guide_and_step_reference",
+    "rescale_noise_cfg_reference",
+    "rows_for_modes",
 ]

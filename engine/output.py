@@ -27,7 +27,10 @@ class GenerationOutput:
         late_mode (`str`): ``uncond`` or ``cond``.
         backend (`str`): the backend that ran.
         step_kernel (`str`): ``fused`` when the compiled guide-and-step op ran, ``reference`` otherwise.
-        switch_step (`int` or `None`): the first late step (``None`` when no step ran late).
+        switch_step (`int` or `None`): the first step after the last CFG step: ``k`` for
+            ``switch:F`` (``k = round(F * N)``), the window's end for ``interval:0.2:0.6`` (18 of
+            30), 0 when no step ran guided, ``None`` when CFG runs to the end (``always``).
+            For an adaptive plan, the first step after the last step in which any image ran guided.
         seeds (`list[int]`): the seed of each image.
         info (`dict`): backend details.
     """

@@ -7,7 +7,12 @@ of the conditional and unconditional predictions, which the loop feeds it.
 
 Each plan prints to and parses from a short string (``always``, ``switch:0.5``,
 ``switch:0.5:cond``, ``step:20``, ``timestep:500``, ``interval:0.2:0.6``,
-``adaptive:0.995``) used by the command line and by serving.
+``adaptive:0.9997:min=0.2:cond``) used by the command line and by serving. ``auto`` is not
+a plan but asks ``generate`` for the model's recommended one (:mod:`cfgswitch.calibration`).
+
+An adaptive plan may carry a minimum share of CFG steps (``min=F``): it never switches
+before step ``round(F * N)``, so no threshold can turn CFG off at step 0 (on the embedded
+model the cosine is already 0.9965 at step 0).
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from .errors import InvalidArgumentError, PlanParseError
 LATE_MODES = ("uncond", "cond")
 _KINDS = ("always", "switch", "step", "timestep", "interval", "adaptive")
 PLAN_GRAMMAR = (
-    "always | switch:F[:late] | step:K[:late] | timestep:T[:late] | interval:F0:F1[:late] | adaptive:C[:late]"
-    " (F in [0, 1], late is uncond or cond)"
+    "always | switch:F[:late] | step:K[:late] | timestep:T[:late] | interval:F0:F1[:late] | adaptive:C[:min=F][:late]"
+    " (F in [0, 1], K an integer >= 0, late is uncond or cond; generate also takes auto)"
 )
 
 
@@ -58,7 +63,8 @@ class GuidancePlan:
     Attributes:
         kind (`str`): one of ``always``, ``switch``, ``step``, ``timestep``, ``interval``, ``adaptive``.
         a (`float`): the first parameter (fraction, step, timestep, start or threshold).
-        b (`float`): the second parameter (end of the interval), else 0.
+        b (`float`): the second parameter (end of the interval; for ``adaptive`` the minimum
+            share of CFG steps), else 0.
         late (`str`): ``uncond`` or ``cond``, what the late phase predicts.
     """
 
@@ -125,18 +131,24 @@ class GuidancePlan:
         return cls("interval", s, e, _check_late(late))
 
     @classmethod
-    def adaptive(cls, threshold: float, late: str = "uncond") -> "GuidancePlan":
-        """CFG until every image's cosine(eps_cond, eps_uncond) reaches ``threshold``, then late for good.
+    def adaptive(cls, threshold: float, late: str = "uncond", min_fraction: float = 0.0) -> "GuidancePlan":
+        """Per image: CFG until that image's cosine(eps_cond, eps_uncond) reaches ``threshold``, then late for good.
+
+        Each image switches on its own (in ``generate`` and in the step engine), so an image
+        never depends on the others in its batch.
 
         Args:
-            threshold (`float`): cosine similarity threshold in [-1, 1], typically 0.99..0.999.
+            threshold (`float`): cosine similarity threshold in [-1, 1]. It is model-specific:
+                ``cfgswitch analyze`` recommends one (0.9997 on the embedded model).
             late (`str`, defaults to ``"uncond"``): what the late phase predicts.
+            min_fraction (`float`, defaults to 0): the smallest share of steps that run guided;
+                the plan never switches before step ``round(min_fraction * N)``.
         """
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
             raise InvalidArgumentError("threshold", "a finite number in [-1, 1]", threshold)
         if not -1.0 <= threshold <= 1.0:
             raise InvalidArgumentError("threshold", "a cosine similarity in [-1, 1]", threshold)
-        return cls("adaptive", float(threshold), 0.0, _check_late(late))
+        return cls("adaptive", float(threshold), _check_fraction("min_fraction", min_fraction), _check_late(late))
 
     # ----------------------------------------------------------------- queries
     @property
@@ -163,9 +175,36 @@ class GuidancePlan:
             return _fraction_to_step(self.a, num_steps) <= step < _fraction_to_step(self.b, num_steps)
         raise PlanParseError("plan", PLAN_GRAMMAR, k)  # unreachable for constructed plans
 
-    def should_switch(self, min_cosine: Optional[float]) -> bool:
-        """For the adaptive plan: whether the batch's smallest cosine similarity reached the threshold."""
-        return self.kind == "adaptive" and min_cosine is not None and min_cosine >= self.a
+    @property
+    def min_fraction(self) -> float:
+        """The adaptive plan's minimum share of CFG steps (0 for the other kinds)."""
+        return self.b if self.kind == "adaptive" else 0.0
+
+    def may_switch(self, step: int, num_steps: int) -> bool:
+        """For the adaptive plan: whether a switch after step ``step`` of ``num_steps`` respects ``min=``.
+
+        A switch after step ``step`` makes step ``step + 1`` the first late step; with ``min=F``
+        it must be at least ``round(F * num_steps)``.
+        """
+        return self.kind == "adaptive" and step + 1 >= _fraction_to_step(self.min_fraction, num_steps)
+
+    def should_switch(self, min_cosine: Optional[float], step: Optional[int] = None, num_steps: Optional[int] = None) -> bool:
+        """For the adaptive plan: whether to run late from step ``step + 1`` on.
+
+        True when the batch's smallest cosine similarity at step ``step`` reached the threshold
+        and (:meth:`may_switch`) the minimum share of CFG steps has run. Without ``step`` and
+        ``num_steps`` a plan with ``min=`` never switches (CFG all the way, never too little).
+
+        Args:
+            min_cosine (`float` or `None`): smallest per-image cosine of this step's predictions.
+            step (`int`, optional): index of the step just run.
+            num_steps (`int`, optional): steps of the trajectory.
+        """
+        if self.kind != "adaptive" or min_cosine is None or min_cosine < self.a:
+            return False
+        if self.min_fraction == 0.0:
+            return True
+        return step is not None and num_steps is not None and self.may_switch(step, num_steps)
 
     def schedule(self, timesteps) -> list:
         """The static CFG/late decision for each timestep of a trajectory (adaptive: all True)."""
@@ -185,7 +224,7 @@ class GuidancePlan:
             "step": f"step:{num(self.a)}",
             "timestep": f"timestep:{num(self.a)}",
             "interval": f"interval:{num(self.a)}:{num(self.b)}",
-            "adaptive": f"adaptive:{num(self.a)}",
+            "adaptive": f"adaptive:{num(self.a)}" + (f":min={num(self.b)}" if self.b else ""),
         }[self.kind]
         return body if self.late == "uncond" else f"{body}:{self.late}"
 
@@ -202,19 +241,31 @@ class GuidancePlan:
             raise PlanParseError("plan", f"a plan string ({PLAN_GRAMMAR})", text)
         parts = [p.strip() for p in text.strip().lower().split(":")]
         kind, args = parts[0], parts[1:]
+        if kind == "auto":
+            raise PlanParseError("plan", "a plan string; 'auto' is resolved against a model by Sampler.generate "
+                                 "(plan='auto') and --plan auto", text)
         late = "uncond"
         if args and args[-1] in LATE_MODES:
             late = args.pop()
+        minimum = [a for a in args if a.startswith("min=")]
+        if kind == "adaptive" and len(minimum) == 1:
+            args.remove(minimum[0])
+            minimum_text = minimum[0][4:]
+        elif minimum:
+            raise PlanParseError("plan", f"min=F once, only in an adaptive plan ({PLAN_GRAMMAR})", text)
+        else:
+            minimum_text = "0"
         arity = {"always": 0, "switch": 1, "step": 1, "timestep": 1, "interval": 2, "adaptive": 1}
         if kind not in arity or len(args) != arity[kind] or (kind == "always" and late != "uncond" and len(parts) > 1):
             raise PlanParseError("plan", f"a plan string ({PLAN_GRAMMAR})", text)
         try:
             if kind == "step":
-                if not args[0].isdigit():
+                if not args[0].lstrip("-").isdigit():
                     raise ValueError(args[0])
                 values = [int(args[0])]
             else:
                 values = [float(a) for a in args]
+            min_fraction = float(minimum_text)
         except ValueError:
             raise PlanParseError("plan", f"a plan string with numeric parameters ({PLAN_GRAMMAR})", text) from None
         try:
@@ -228,7 +279,7 @@ class GuidancePlan:
                 return cls.switch_at_timestep(values[0], late)
             if kind == "interval":
                 return cls.interval(values[0], values[1], late)
-            return cls.adaptive(values[0], late)
+            return cls.adaptive(values[0], late, min_fraction)
         except InvalidArgumentError as e:
             raise PlanParseError("plan", f"a valid plan ({e.argument}: {e.expected})", text) from None
 

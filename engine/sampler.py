@@ -9,24 +9,32 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from . import validation as v
+from .backends.registry import backend_names
+from .conditioning import TEXT, Conditioning
 from .errors import BackendUnavailableError, InvalidArgumentError, ModelLoadError
 from .loop import LoopRequest, denoise
 from .output import GenerationOutput, to_uint8
 from .plans import GuidancePlan
+from .request import check_request
 from .runners.base import ModelSpec, Runners
-from .schedulers import scheduler_class_name
 from .timing import StageTimer
 from .tokenizer import tokenize, truncation_warnings
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .families import Family
+    from .families.base import SizeConditioning
+    from .step_engine import StepEngine
+
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+#: Backend names, read from the registry (:mod:`cfgswitch.backends.registry`), where each is defined.
+BACKENDS = backend_names()
 
 
 def _as_torch_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
@@ -64,7 +72,8 @@ class Sampler:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_diffusers(cls, model: Any, device: Union[str, torch.device] = "cpu", dtype: Union[str, torch.dtype] = torch.float32) -> "Sampler":
+    def from_diffusers(cls, model: Any, device: Union[str, torch.device] = "cpu", dtype: Union[str, torch.dtype] = torch.float32,
+                       mode: str = "eager", compile_options: Optional[Dict[str, Any]] = None) -> "Sampler":
         """A PyTorch-backend sampler from a diffusers folder or a ``StableDiffusionPipeline``.
 
         Args:
@@ -73,29 +82,33 @@ class Sampler:
                 ``tokenizer`` and ``scheduler``.
             device (`str` or `torch.device`, defaults to ``"cpu"``): where to run.
             dtype (`str` or `torch.dtype`, defaults to float32): weights and latents dtype.
+            mode (`str`, defaults to ``"eager"``): how the UNet runs: ``eager``, ``compile``
+                (``torch.compile``, compiled at the first call of each shape) or ``graphs`` (one CUDA
+                graph per shape, captured once; CUDA only).
+            compile_options (`dict`, optional): ``torch.compile`` options in ``compile`` mode.
         """
-        from .model_loading import load_components
+        from .families import detect_folder, detect_pipeline, get_family
+        from .runners.torch_modes import check_mode
         from .runners.torch_runners import torch_runners
 
         dev = torch.device(device)
         dt = _as_torch_dtype(dtype)
+        check_mode(mode, dev)  # before any weights are read
         if isinstance(model, (str, Path)):
-            tokenizer, text_encoder, unet, vae, sched_cfg = load_components(model, dev, dt)
+            p = Path(model)
+            # the family from model_index.json; without one, SD 1.x's checks name what is missing
+            family = detect_folder(p) if (p / "model_index.json").is_file() else get_family("sd1")
+            comps = family.load_folder(p, dev, dt)
             source = str(model)
         else:
-            missing = [a for a in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(model, a, None) is None]
-            if missing:
-                raise ModelLoadError(f"model: expected a Stable Diffusion pipeline, got {type(model).__name__} without {', '.join(missing)}")
-            tokenizer, text_encoder, unet, vae = model.tokenizer, model.text_encoder, model.unet, model.vae
-            for m in (unet, vae, text_encoder):
-                if m.dtype != dt or m.device != dev:
-                    m.to(device=dev, dtype=dt)
-                m.eval().requires_grad_(False)
-            sched_cfg = dict(model.scheduler.config)
+            family = detect_pipeline(model)
+            comps = family.from_pipeline(model, dev, dt)
             source = type(model).__name__
-        spec = spec_from_modules(unet, vae, text_encoder, tokenizer, source)
-        sampler = cls(torch_runners(text_encoder, unet, vae, dev, dt), tokenizer, sched_cfg, spec, source)
-        sampler.modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+        unet, vae, text_encoder, tokenizer = comps["unet"], comps["vae"], comps["text_encoder"], comps["tokenizer"]
+        spec = spec_from_modules(unet, vae, text_encoder, tokenizer, source, family=family.name,
+                                 added=family.added_widths(comps))
+        sampler = cls(torch_runners(text_encoder, unet, vae, dev, dt, mode, compile_options), tokenizer, comps["scheduler_config"], spec, source)
+        sampler.modules = {k: v for k, v in comps.items() if k != "scheduler_config"}
         return sampler
 
     @classmethod
@@ -103,28 +116,43 @@ class Sampler:
         """Load a diffusers folder or an exported bundle on a backend.
 
         Args:
-            path (`str` or `Path`): a diffusers folder (torch backend) or a bundle (``manifest.json``).
-            backend (`str`, optional): ``torch``, ``onnxruntime`` or ``tensorrt``; ``None`` picks the
-                best one installed for what ``path`` is, and logs which.
-            options: backend options (``device``, ``dtype`` for torch; ``providers``, ``threads``
-                for onnxruntime; ``cuda_graphs`` for tensorrt).
+            path (`str` or `Path`): a diffusers folder (torch backend), a bundle (``manifest.json``),
+                or ``"default"`` for the embedded model.
+            backend (`str`, optional): a name of :data:`cfgswitch.backends.BACKENDS` (``torch``,
+                ``onnxruntime``, ``tensorrt``, ...); ``None`` picks the best one installed for what
+                ``path`` is, and logs which.
+            options: the backend's options (``BACKENDS[backend].options``: ``device``, ``dtype``,
+                ``mode`` for torch; ``providers``, ``threads`` for onnxruntime; ``cuda_graphs``,
+                ``layout`` for tensorrt). Others are refused with an error listing the valid ones.
+
+        Raises:
+            InvalidArgumentError: an unknown backend, a backend that does not load what ``path``
+                is, or an option the backend does not take.
+            BundleError: a bundle backend asked for a folder that is not a bundle (names
+                ``cfgswitch export``).
         """
+        from .backends.registry import check_options, get_backend
+
+        if isinstance(path, str) and path == "default":
+            from .default_model import resolve_model
+
+            path = resolve_model(path)
         p = Path(path)
-        if backend is not None and backend not in BACKENDS:
-            raise InvalidArgumentError("backend", f"one of {', '.join(BACKENDS)}", backend)
-        if (p / "manifest.json").is_file():
-            try:
-                from .bundle_loading import load_bundle_sampler
-            except ImportError as e:  # pragma: no cover - the bundle runtime ships with the package
-                raise BackendUnavailableError(f"bundles need the bundle runtime: {e}") from e
-            return load_bundle_sampler(cls, p, backend, **options)
-        if backend not in (None, "torch"):
-            if p.is_dir() and (p / "model_index.json").is_file():
-                raise InvalidArgumentError(
-                    "backend", f"'torch' for a diffusers folder (export it first: cfgswitch export {p} --out BUNDLE)", backend
-                )
-        if backend is None:
+        entry = get_backend(backend) if backend is not None else None
+        if entry is not None and entry.source == "bundle" and (p / "model_index.json").is_file():
+            raise InvalidArgumentError(
+                "backend", f"'torch' for a diffusers folder (export it first: cfgswitch export {p} --out BUNDLE)", backend
+            )
+        if (p / "manifest.json").is_file() or (entry is not None and entry.source == "bundle"):
+            from .bundle_loading import load_bundle_sampler
+
+            return load_bundle_sampler(cls, p, backend, **options)  # not a bundle: "make one with cfgswitch export"
+        if entry is not None and entry.source != "diffusers":  # pragma: no cover - registry sources are bundle | diffusers
+            raise InvalidArgumentError("backend", "a backend that loads a diffusers folder", backend)
+        backend = backend or "torch"
+        if entry is None:
             logger.info("backend: torch (a diffusers folder)")
+        check_options(backend, options)
         return cls.from_diffusers(p, **options)
 
     # ------------------------------------------------------------------ properties
@@ -154,8 +182,16 @@ class Sampler:
         output_type: str = "pil",
         progress: bool = False,
         step_kernel: str = "auto",
+        max_image_side: Optional[int] = None,
+        original_size: Optional[Sequence[int]] = None,
+        target_size: Optional[Sequence[int]] = None,
+        crops_coords_top_left: Optional[Sequence[int]] = None,
+        negative_original_size: Optional[Sequence[int]] = None,
+        negative_target_size: Optional[Sequence[int]] = None,
+        negative_crops_coords_top_left: Optional[Sequence[int]] = None,
+        guidance_rescale: float = 0.0,
     ) -> GenerationOutput:
-        """Generate images; see DESIGN.md section 4 for the data flow.
+        """Generate images; see docs/architecture.md for the data flow.
 
         Args:
             prompts (`str` or `list[str]`): one prompt or a non-empty list.
@@ -177,52 +213,53 @@ class Sampler:
                 where it covers the scheduler and device (``GenerationOutput.step_kernel`` says
                 which ran), ``reference`` forces diffusers' ``scheduler.step``, ``fused`` requires
                 the fused op.
+            max_image_side (`int`, optional): largest ``height`` and ``width`` accepted; ``None``
+                is :func:`cfgswitch.validation.max_side_for` (2x the model's native size). Pass a
+                larger value to generate larger images on purpose.
+            original_size, target_size, crops_coords_top_left (`tuple[int, int]`, optional): SDXL's
+                size conditioning, as diffusers' ``StableDiffusionXLPipeline`` takes it (sizes
+                default to ``(height, width)``, the crop to ``(0, 0)``); refused for other families.
+            negative_original_size, negative_target_size, negative_crops_coords_top_left: the same
+                for the unconditional rows, used when both negative sizes are given (as diffusers).
+            guidance_rescale (`float`, defaults to 0): diffusers' CFG rescale ``phi`` in [0, 1]
+                (Lin et al. 2023, sec. 3.4; for zero-SNR models) on guided steps.
         """
         timer = StageTimer(self.runners.device)
         t_start = time.perf_counter()
         # 1. Check every argument before any work.
-        prompt_list = v.check_prompts(prompts)
-        negative_list = v.check_negative_prompts(negative_prompts, len(prompt_list))
-        steps = v.check_positive_int("steps", steps, 1, 10_000)
-        guidance = v.check_guidance(guidance_scale)
-        scheduler_class_name(scheduler)
-        guidance_plan = GuidancePlan.parse(plan)
-        if guidance <= 1.0:  # as diffusers: no classifier-free guidance, the prompt's B rows every step
-            unguided = GuidancePlan.switch_at(0.0, late="cond")
-            if guidance_plan != unguided:
-                logger.info("guidance_scale %s <= 1: no classifier-free guidance (plan %s -> %s)", guidance, guidance_plan, unguided)
-            guidance_plan = unguided
-        n_per = v.check_positive_int("num_images_per_prompt", num_images_per_prompt, 1, 1024)
-        batch = len(prompt_list) * n_per
-        seeds = v.check_seeds(seed, batch)
-        factor = self.spec.vae_scale_factor
-        height = v.check_size("height", self.spec.default_size if height is None else height, factor)
-        width = v.check_size("width", self.spec.default_size if width is None else width, factor)
-        output_type = v.check_output_type(output_type)
-        if step_kernel not in ("auto", "fused", "reference"):
-            raise InvalidArgumentError("step_kernel", "'auto', 'fused' or 'reference'", step_kernel)
-        if self.runners.check_request is not None:
-            self.runners.check_request(batch=batch, height=height, width=width)
+        args = check_request(
+            self, prompts, negative_prompts, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
+            plan=plan, seed=seed, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
+            output_type=output_type, step_kernel=step_kernel, max_image_side=max_image_side,
+            size_conditioning=dict(original_size=original_size, target_size=target_size,
+                                   crops_coords_top_left=crops_coords_top_left,
+                                   negative_original_size=negative_original_size,
+                                   negative_target_size=negative_target_size,
+                                   negative_crops_coords_top_left=negative_crops_coords_top_left),
+            guidance_rescale=guidance_rescale,
+        )
+        guidance_plan, seeds, factor = args.plan, args.seeds, self.spec.vae_scale_factor
 
         # 2. Encode the prompts and the negative prompts, once per call.
         with timer("text"):
-            cond, uncond, warnings = self._encode(prompt_list, negative_list, n_per)
+            conditioning, warnings = self.encode_conditioning(args.prompts, args.negatives, args.images_per_prompt,
+                                                              negative_none=args.negative_none, sizes=args.sizes)
 
         # 3-4. Initial noise from one generator per image, then the switching loop.
         request = LoopRequest(
-            cond=cond, uncond=uncond, steps=steps, guidance_scale=guidance, scheduler=scheduler,
-            plan=guidance_plan, seeds=seeds, latent_shape=(self.spec.latent_channels, height // factor, width // factor),
-            progress=progress, step_kernel=step_kernel,
+            conditioning=conditioning, steps=args.steps, guidance_scale=args.guidance_scale,
+            scheduler=args.scheduler, plan=guidance_plan, seeds=seeds,
+            latent_shape=(self.spec.latent_channels, args.height // factor, args.width // factor),
+            progress=progress, step_kernel=args.step_kernel, guidance_rescale=args.guidance_rescale,
         )
         loop = denoise(self.runners, self.scheduler_config, request, timer)
 
         # 5. Decode.
         images = None
-        if output_type != "latent":
+        if args.output_type != "latent":
             with timer("vae"):
-                decoded = self.runners.vae_decoder.decode(loop.latents / self.spec.vae_scaling_factor)
-                images = (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-            if output_type == "pil":
+                images = self.decode_latents(loop.latents)
+            if args.output_type == "pil":
                 images = _to_pil(images)
         timings = timer.totals()
         timings["total"] = time.perf_counter() - t_start
@@ -238,31 +275,68 @@ class Sampler:
         tok = tokenize(self.tokenizer, prompts, self.spec.text_length)
         return self.runners.text_encoder.encode(tok.input_ids), tok.dropped
 
-    def _encode(self, prompts: List[str], negatives: List[str], n_per: int):
-        tok_c = tokenize(self.tokenizer, prompts, self.spec.text_length)
-        tok_u = tokenize(self.tokenizer, negatives, self.spec.text_length)
-        warnings = truncation_warnings(prompts, tok_c, "prompt") + truncation_warnings(negatives, tok_u, "negative prompt")
+    def encode_conditioning(self, prompts: List[str], negatives: List[str], n_per: int, *, negative_none: bool = False,
+                            sizes: Optional["SizeConditioning"] = None) -> "tuple[Conditioning, List[str]]":
+        """The :class:`~cfgswitch.conditioning.Conditioning` of a request and its truncation warnings.
+
+        The model family's recipe (:mod:`cfgswitch.families`): for SD 1.x/2.x two text-encoder
+        calls, as diffusers makes them, so embeddings match it bit for bit; each prompt's
+        embeddings repeated ``n_per`` times consecutively, as diffusers does. ``negative_none``
+        says no negative prompt was given (SDXL then uses zeros); ``sizes`` is SDXL's size
+        conditioning.
+        """
+        conditioning, warnings = self.family.encode(self, prompts, negatives, n_per, negative_none=negative_none,
+                                                    sizes=sizes)
         for w in warnings:
             logger.warning(w)
-        # Two calls, as diffusers makes them, so embeddings match it bit for bit.
-        cond = self.runners.text_encoder.encode(tok_c.input_ids)
-        uncond = self.runners.text_encoder.encode(tok_u.input_ids)
-        # diffusers repeats each prompt's embeddings n_per times consecutively
-        cond = cond.repeat_interleave(n_per, dim=0)
-        uncond = uncond.repeat_interleave(n_per, dim=0)
-        return cond, uncond, warnings
+        return conditioning, warnings
+
+    @property
+    def family(self) -> "Family":
+        """The model's :class:`~cfgswitch.families.Family`."""
+        from .families import get_family
+
+        return get_family(self.spec.family)
+
+    def _encode(self, prompts: List[str], negatives: List[str], n_per: int):
+        """``(cond, uncond, warnings)``: the text embeddings of :meth:`encode_conditioning`."""
+        conditioning, warnings = self.encode_conditioning(prompts, negatives, n_per)
+        return conditioning.cond[TEXT], conditioning.uncond[TEXT], warnings
+
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """Final latents ``[B, C, h, w]`` to float32 images ``[B, H, W, 3]`` in [0, 1]."""
+        decoded = self.runners.vae_decoder.decode(latents / self.spec.vae_scaling_factor)
+        return (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+    def engine(self, max_rows: int = 16, **options: Any) -> "StepEngine":
+        """A :class:`~cfgswitch.step_engine.StepEngine` over this sampler's runners.
+
+        It holds many requests in flight and advances each one step per iteration, sharing
+        every UNet call among them; see :mod:`cfgswitch.step_engine`.
+
+        Args:
+            max_rows (`int`, defaults to 16): UNet rows per iteration at most.
+            options: the other arguments of :class:`~cfgswitch.step_engine.StepEngine`.
+        """
+        from .step_engine import StepEngine
+
+        return StepEngine(self, max_rows=max_rows, **options)
 
 
-def spec_from_modules(unet, vae, text_encoder, tokenizer, name: str) -> ModelSpec:
-    """The :class:`ModelSpec` of diffusers/transformers modules."""
+def spec_from_modules(unet, vae, text_encoder, tokenizer, name: str, family: str = "sd1",
+                      added: Optional[Dict[str, int]] = None) -> ModelSpec:
+    """The :class:`ModelSpec` of diffusers/transformers modules (``text_width`` is the UNet's
+    cross-attention width: the text encoder's, or both of SDXL's concatenated)."""
     return ModelSpec(
         latent_channels=int(unet.config.in_channels),
         vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
         vae_scaling_factor=float(vae.config.scaling_factor),
         sample_size=int(unet.config.sample_size),
         text_length=int(min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)),
-        text_width=int(text_encoder.config.hidden_size),
+        text_width=int(unet.config.cross_attention_dim),
         name=name,
+        family=family,
+        added=dict(added or {}),
     )
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Tuple
 
-from .errors import UnknownSchedulerError
+from .errors import InvalidArgumentError, UnknownSchedulerError
 
-# name -> (diffusers class name, config overrides)
+# name -> (diffusers class name, settings the name fixes: given to from_config only where its result disagrees)
 _SCHEDULERS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
@@ -49,24 +49,38 @@ def scheduler_class_name(name: str) -> str:
 
 
 def make_scheduler(name: str, base_config: Mapping[str, Any]):
-    """Build the diffusers scheduler ``name`` from a model's scheduler config.
+    """Build the diffusers scheduler ``name`` from a model's scheduler config, as diffusers does.
+
+    The result is exactly ``Class.from_config(base_config)``: the config goes to diffusers
+    unchanged, private keys included. A config taken from a live pipeline
+    (``dict(pipe.scheduler.config)``) lists in ``_use_default_values`` the keys its own JSON
+    lacked; diffusers' ``from_config`` drops them, so the new class applies its own defaults
+    (SD 1.5's PNDM config turned into Euler gets ``timestep_spacing="linspace"``, timesteps
+    from 999). A folder's or a bundle's JSON lacks those keys to begin with, so all three
+    sources give the same scheduler. Only when that result contradicts the name itself
+    (``dpmpp_2m``: ``dpmsolver++`` of order 2; ``pndm``: PLMS without Runge-Kutta warm-up, as in
+    SD's own configs) is it ``Class.from_config(base_config, **settings)`` instead.
 
     Args:
         name (`str`): one of :data:`SCHEDULER_NAMES`.
-        base_config (`Mapping`): the model's ``scheduler/scheduler_config.json`` content
-            (``num_train_timesteps``, ``beta_schedule``, ``prediction_type``, ...).
+        base_config (`Mapping`): the model's scheduler config: a ``scheduler_config.json``'s
+            content, or ``pipe.scheduler.config`` (``num_train_timesteps``, ``beta_schedule``,
+            ``prediction_type``, ...).
 
     Raises:
         UnknownSchedulerError: the name is unknown or names a multi-call scheduler.
+        InvalidArgumentError: ``base_config`` is not a mapping.
     """
     import diffusers
 
     cls_name = scheduler_class_name(name)
-    overrides = _SCHEDULERS[name.strip().lower()][1]
+    if not isinstance(base_config, Mapping):
+        raise InvalidArgumentError("base_config", "a scheduler config mapping", type(base_config).__name__)
+    settings = _SCHEDULERS[name.strip().lower()][1]
     cls = getattr(diffusers, cls_name)
-    config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
-    config.update(overrides)
-    scheduler = cls.from_config(config)
+    scheduler = cls.from_config(dict(base_config))
+    if any(scheduler.config.get(k) != v for k, v in settings.items()):  # only then differ from diffusers
+        scheduler = cls.from_config(dict(base_config), **settings)
     if getattr(scheduler, "order", 1) != 1:  # pragma: no cover - guarded by the table above
         raise UnknownSchedulerError("scheduler", "a scheduler of order 1", name)
     return scheduler

@@ -9,7 +9,12 @@
 
 Covered: ``DDIMScheduler`` (eta 0), ``EulerDiscreteScheduler`` (s_churn 0) and
 ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 1 or 2, midpoint or heun), each with
-epsilon prediction and no clipping or thresholding. Any other scheduler runs the reference.
+epsilon or v-prediction (converted per row) and no clipping or thresholding. Any other
+scheduler runs the reference.
+
+Both steppers also take rows that mix guided and one-prediction images (:meth:`step_rows`):
+adaptive plans switch per image, and the step engine shares one fused call among requests
+(:meth:`FusedStepper.prepare` and :meth:`FusedStepper.finish`).
 """
 
 from __future__ import annotations
@@ -20,12 +25,18 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import BackendUnavailableError, InvalidArgumentError
-from .kernels_bridge import cfg_combine, compiled_available, guide_and_step, guide_and_step_reference
+from .kernels_bridge import (
+    cfg_combine,
+    compiled_available,
+    guide_and_step,
+    guide_and_step_reference,
+    rescale_noise_cfg_reference,
+)
 from .step_coefficients import advance_state, coefficients, fused_support, previous_x0, step_key
 
 logger = logging.getLogger(__name__)
@@ -39,6 +50,39 @@ def cosine_per_image(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     u = uncond.reshape(uncond.shape[0], -1).float()
     c = cond.reshape(cond.shape[0], -1).float()
     return torch.nn.functional.cosine_similarity(u, c, dim=1)
+
+
+def combine_rows(
+    pred: torch.Tensor, rows_a: Sequence[int], rows_b: Sequence[int], weights: torch.Tensor, want_cosine: bool = False,
+    guidance_rescale: float = 0.0,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-image predictions from mixed rows: ``u + w (c - u)`` where ``rows_b >= 0``, else row ``rows_a``.
+
+    All guided with diffusers' layout gives exactly ``cfg_combine(*pred.chunk(2), weights)``;
+    ``guidance_rescale > 0`` then applies diffusers' ``rescale_noise_cfg`` to the guided images.
+    Returns the predictions ``[B, ...]`` and, when asked, the cosines (NaN where one prediction).
+    """
+    guided = [b >= 0 for b in rows_b]
+    index_a = torch.tensor(list(rows_a), dtype=torch.long, device=pred.device)
+    first = pred.index_select(0, index_a)
+    if not any(guided):
+        cos = torch.full((len(rows_a),), float("nan"), device=pred.device) if want_cosine else None
+        return first, cos
+    index_b = torch.tensor([b if b >= 0 else a for a, b in zip(rows_a, rows_b)], dtype=torch.long, device=pred.device)
+    second = pred.index_select(0, index_b)
+    combined = cfg_combine(first, second, weights)
+    if guidance_rescale > 0:
+        combined = rescale_noise_cfg_reference(combined, second, guidance_rescale)
+    if all(guided):
+        eps = combined
+    else:
+        mask = torch.tensor(guided, device=pred.device).reshape((-1,) + (1,) * (pred.dim() - 1))
+        eps = torch.where(mask, combined, first)
+    cos = None
+    if want_cosine:
+        cos = cosine_per_image(first, second)
+        cos = torch.where(torch.tensor(guided, device=cos.device), cos, torch.full_like(cos, float("nan")))
+    return eps, cos
 
 
 def step_kwargs(scheduler, generators: List[torch.Generator]) -> Dict[str, object]:
@@ -79,6 +123,25 @@ class ReferenceStepper:
         u, c = pair.chunk(2)
         eps = cfg_combine(u, c, self.weights)
         cos = cosine_per_image(u, c) if want_cosine else None
+        return self.step(eps, t, latents), cos
+
+    def step_rows(
+        self, pred: torch.Tensor, rows_a: Sequence[int], rows_b: Sequence[int], t: torch.Tensor, latents: torch.Tensor,
+        want_cosine: bool = False, guidance_rescale: float = 0.0,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Next latents (and cosines) from UNet rows that mix guided and one-prediction images.
+
+        Args:
+            pred (`torch.Tensor` of shape `[R, ...]`): the UNet output rows.
+            rows_a (`list[int]`): per image, its first row (the uncond row of a guided image).
+            rows_b (`list[int]`): per image, its cond row, or -1 for one prediction (late, or
+                already guided).
+            t, latents: the step's timestep and the current latents ``[B, ...]``.
+            want_cosine (`bool`, defaults to False): also return the per-image cosine (NaN for
+                one-prediction images).
+            guidance_rescale (`float`, defaults to 0): diffusers' CFG rescale of guided images.
+        """
+        eps, cos = combine_rows(pred, rows_a, rows_b, self.weights, want_cosine, guidance_rescale)
         return self.step(eps, t, latents), cos
 
 
@@ -186,11 +249,59 @@ class FusedStepper:
         """Next latents from one prediction per image (already guided, or late)."""
         return self._run(eps, t, latents, guided=False, want_cosine=False)[0]
 
+    def prepare(self, t, latents: torch.Tensor, pred: torch.Tensor) -> Optional["FusedPart"]:
+        """This stepper's share of a fused call over several requests, or ``None`` to step alone.
+
+        Reads (and on DPM-Solver's first step initialises) the scheduler's step index; changes
+        nothing else. After the shared call, :meth:`finish` must be given the part's x0.
+        """
+        sch = self.scheduler
+        key = step_key(sch, t)
+        prev = previous_x0(sch, key)
+        if (
+            self.impl != "compiled"
+            or pred.dtype != latents.dtype
+            or pred.device != latents.device
+            or (prev is not None and (prev.dtype != latents.dtype or prev.device != latents.device))
+            or not self._kernel_serves(latents)
+        ):
+            return None
+        form, params = self._params_for(key, True)
+        return FusedPart(form=form, params=params, prev=prev, multistep=self._multistep)
+
+    def finish(self, x0: Optional[torch.Tensor]) -> None:
+        """Advance the scheduler past a step taken by a shared fused call."""
+        advance_state(self.scheduler, x0)
+
+    def step_rows(
+        self, pred: torch.Tensor, rows_a: Sequence[int], rows_b: Sequence[int], t: torch.Tensor, latents: torch.Tensor,
+        want_cosine: bool = False, guidance_rescale: float = 0.0,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """As :meth:`ReferenceStepper.step_rows`, in one ``guide_and_step`` call."""
+        part = self.prepare(t, latents, pred)
+        if part is None:
+            return self._fallback.step_rows(pred, rows_a, rows_b, t, latents, want_cosine, guidance_rescale)
+        rows = torch.tensor([[int(a), int(b), int(part.form), 0] for a, b in zip(rows_a, rows_b)], dtype=torch.int32)
+        result = guide_and_step(pred, latents, rows.to(self.device), part.params, part.prev, want_x0=part.multistep,
+                                want_cosine=want_cosine, impl="compiled", check_rows=False,
+                                guidance_rescale=guidance_rescale if guidance_rescale > 0 else None)
+        self.finish(result.x0)
+        return result.latents, result.cosine
+
     def guide_and_step(
         self, pair: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, want_cosine: bool = False
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Next latents (and cosines) from the ``[uncond; cond]`` rows of a guided step, fused."""
         return self._run(pair, t, latents, guided=True, want_cosine=want_cosine)
+
+
+class FusedPart(NamedTuple):
+    """One request's share of a fused ``guide_and_step`` call (see :meth:`FusedStepper.prepare`)."""
+
+    form: int  #: the update form of this step
+    params: torch.Tensor  #: float32 ``[B, 8]``: weights and coefficients
+    prev: Optional[torch.Tensor]  #: the previous x0 (second-order DPM-Solver++), else ``None``
+    multistep: bool  #: whether the scheduler keeps x0 (the call must return it)
 
 
 def _reference_op(pred, sample, rows, params, prev, *, want_x0, want_cosine):
@@ -286,7 +397,9 @@ def make_stepper(
 
 
 __all__ = [
+    "FusedPart",
     "FusedStepper",
+    "combine_rows",
     "ReferenceStepper",
     "STEP_KERNEL_CHOICES",
     "coefficients_agree",

@@ -8,6 +8,7 @@ runs in seconds on a CPU: the tests' models, in the style of diffusers'
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -109,3 +110,64 @@ def save_tiny_model(path: "str | Path", seed: int = 0, pipeline: Optional[object
     out = Path(path)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+#: The scheduler config of SDXL base (Euler, scaled-linear betas, leading spacing, epsilon).
+SDXL_SCHEDULER_CONFIG: Dict = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+
+
+def tiny_sdxl_components(seed: int = 0) -> Dict:
+    """Random-weight components of a tiny SDXL model (64 px images), in the style of diffusers'
+    ``get_dummy_components`` for ``StableDiffusionXLPipeline``: two CLIP text encoders (the second
+    with a projection, its tokenizer padding with ``!``) and a UNet with ``text_time`` added
+    conditioning (``text_embeds`` 32 wide, ``time_ids`` 6)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=1,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=128)
+    cfg = CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
+                         layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5, vocab_size=49408,
+                         hidden_act="gelu", projection_dim=32, max_position_embeddings=77)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(cfg)
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(cfg)
+    tokenizer_2 = copy.deepcopy(load_clip_tokenizer())  # the cached one is shared: pad a copy
+    tokenizer_2.pad_token = "!"
+    for m in (unet, vae, text_encoder, text_encoder_2):
+        m.eval()
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+            "tokenizer": load_clip_tokenizer(), "tokenizer_2": tokenizer_2,
+            "scheduler": EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)}
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A diffusers ``StableDiffusionXLPipeline`` of :func:`tiny_sdxl_components`."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -2,6 +2,9 @@
 
 The bundle is written into a temporary directory beside ``out`` and renamed into
 place at the end, so an interrupted or failed export leaves no half-written bundle.
+Each export holds a lock file beside its temporary directory (``.NAME.tmp-XXXX.lock``)
+while it runs; the next export to the same ``out`` removes, with a log line, every
+``.NAME.tmp-*`` and ``.NAME.old-*`` folder that no live export holds (left by a killed one).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from cfgswitch.bundle import MANIFEST_NAME
 from cfgswitch.errors import BundleError, InvalidArgumentError
 from cfgswitch.io_specs import GRAPH_NAMES, ModelDims, graph_spec
 
-from .manifest import build_manifest, content_hash_dir, content_hash_modules, graph_entry, write_json_atomic
+from .manifest import (build_manifest, content_hash_dir, content_hash_modules, file_records, graph_entry,
+                       write_json_atomic)
 from .onnx_export import export_graph
 from .verify import compare_graph
 from .wrappers import example_inputs, graph_module
@@ -137,7 +141,9 @@ def export_bundle(model: Union[str, Path, Any], out: Union[str, Path], options: 
     stages += [f"verify {g}" for g in opts.graphs] if opts.verify else []
     stages += ["manifest"]
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_exports(out)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    lock = _hold_lock(tmp)  # before the folder exists: a folder without a held lock is never a live export's
     tmp.mkdir()
     bar = tqdm(total=len(stages), desc="export", disable=not progress, unit="stage")
     try:
@@ -155,6 +161,10 @@ def export_bundle(model: Union[str, Path, Any], out: Union[str, Path], options: 
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2, default=str))
+        from cfgswitch.calibration import CALIBRATION_FILE  # analyze's plan recommendations travel with the model
+
+        if isinstance(model, (str, Path)) and (Path(model) / CALIBRATION_FILE).is_file():
+            shutil.copyfile(Path(model) / CALIBRATION_FILE, tmp / CALIBRATION_FILE)
         bar.update()
 
         ex_rows = 2 if 2 <= opts.batch_sizes[-1] else 1
@@ -179,6 +189,7 @@ def export_bundle(model: Union[str, Path, Any], out: Union[str, Path], options: 
             name=name, content_hash=chash, source=source, dims=dims, vae_scaling_factor=scaling,
             sample_size=sample_size, model_dtype=opts.dtype, opset=opts.opset, batch_sizes=opts.batch_sizes,
             image_sizes=[(height, width)], graphs=graphs,
+            files=file_records(tmp, ["tokenizer", "scheduler/scheduler_config.json"]),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         ) if set(opts.graphs) == set(GRAPH_NAMES) else _partial_manifest(graphs, opts)
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
@@ -189,8 +200,69 @@ def export_bundle(model: Union[str, Path, Any], out: Union[str, Path], options: 
         raise
     finally:
         bar.close()
+        lock.release()
+        _lock_path(tmp).unlink(missing_ok=True)
     logger.info("bundle written to %s", out)
     return out
+
+
+def _lock_path(tmp: Path) -> Path:
+    return tmp.with_name(tmp.name + ".lock")
+
+
+def _hold_lock(tmp: Path):
+    from filelock import FileLock
+
+    lock = FileLock(str(_lock_path(tmp)))
+    lock.acquire(timeout=0)
+    return lock
+
+
+def remove_stale_exports(out: "str | Path") -> List[Path]:
+    """Remove the temporary folders a killed export to ``out`` left beside it; return what was removed.
+
+    A folder ``.NAME.tmp-*`` (or ``.NAME.old-*``, the previous bundle of an interrupted
+    ``--overwrite``, only while ``out`` exists) is removed when no live export holds its lock
+    file; one whose lock is held belongs to an export still running and is left alone. Each
+    removal is logged.
+    """
+    from filelock import FileLock, Timeout
+
+    out = Path(out)
+    removed: List[Path] = []
+    if not out.parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        for folder in sorted(out.parent.glob(f".{out.name}.{kind}-*")):
+            if folder.name.endswith(".lock") or not folder.is_dir() or folder.is_symlink():
+                continue
+            if kind == "old" and not out.exists():
+                logger.warning("export: kept %s: the previous bundle of an interrupted --overwrite, and %s is missing",
+                               folder, out)
+                continue
+            lock = FileLock(str(_lock_path(folder)))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                logger.info("export: %s belongs to an export still running; left alone", folder)
+                continue
+            try:
+                shutil.rmtree(folder, ignore_errors=True)
+                logger.warning("export: removed %s, left behind by an interrupted export to %s", folder, out)
+                removed.append(folder)
+            finally:
+                lock.release()
+                _lock_path(folder).unlink(missing_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*.lock"):  # locks whose folder is gone
+        if not stale.with_name(stale.name[:-len(".lock")]).exists():
+            lock = FileLock(str(stale))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            lock.release()
+            stale.unlink(missing_ok=True)
+    return removed
 
 
 def _partial_manifest(graphs: Dict[str, Dict[str, Any]], opts: ExportOptions) -> Dict[str, Any]:
@@ -216,4 +288,4 @@ def verify_failures(bundle_dir: Path) -> List[str]:
     return [g for g, e in manifest["graphs"].items() if e.get("verify") and not e["verify"].get("ok")]
 
 
-__all__ = ["ExportOptions", "check_options", "export_bundle", "verify_failures"]
+__all__ = ["ExportOptions", "check_options", "export_bundle", "remove_stale_exports", "verify_failures"]

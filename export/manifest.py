@@ -92,6 +92,21 @@ def graph_entry(spec: GraphSpec, exported: ExportedGraph, root: Path, model_dtyp
     return entry
 
 
+def file_records(root: Path, parts: Iterable[str]) -> Dict[str, Dict[str, Any]]:
+    """``{relative path: {"sha256", "bytes"}}`` of each file under ``root`` named by ``parts`` (files or folders).
+
+    What the runtime checks the tokenizer and the scheduler config against before it reads
+    them (:func:`cfgswitch.bundle.Bundle.tokenizer_files`, :meth:`~cfgswitch.bundle.Bundle.scheduler_config`).
+    """
+    records: Dict[str, Dict[str, Any]] = {}
+    for part in parts:
+        p = root / part
+        found = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        for f in found:
+            records[f.relative_to(root).as_posix()] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    return records
+
+
 def role_entries(dims: ModelDims, graphs: Dict[str, Dict[str, Any]], model_dtype: str, batch_sizes: Sequence[int],
                  image_sizes: Sequence[Tuple[int, int]]) -> Dict[str, Dict[str, Any]]:
     """Per role (``cfg``, ``late``): its graph, file, sha256, tensors and concrete shapes per supported request."""
@@ -119,9 +134,14 @@ def role_entries(dims: ModelDims, graphs: Dict[str, Dict[str, Any]], model_dtype
 def build_manifest(*, name: str, content_hash: str, source: str, dims: ModelDims, vae_scaling_factor: float,
                    sample_size: int, model_dtype: str, opset: int, batch_sizes: Iterable[int],
                    image_sizes: Iterable[Tuple[int, int]], graphs: Dict[str, Dict[str, Any]],
+                   files: Dict[str, Dict[str, Any]],
                    tokenizer_dir: str = "tokenizer", scheduler_config: str = "scheduler/scheduler_config.json",
                    created: Optional[str] = None) -> Dict[str, Any]:
-    """The whole manifest (schema version :data:`cfgswitch.bundle.SCHEMA_VERSION`)."""
+    """The whole manifest (schema version :data:`cfgswitch.bundle.SCHEMA_VERSION`).
+
+    ``files`` holds the sha256 records of the tokenizer files and the scheduler config
+    (:func:`file_records`); the runtime refuses a bundle whose manifest lacks them.
+    """
     bs = sorted(set(int(b) for b in batch_sizes))
     sizes = [[int(h), int(w)] for h, w in image_sizes]
     return {
@@ -139,6 +159,7 @@ def build_manifest(*, name: str, content_hash: str, source: str, dims: ModelDims
         "image_sizes": sizes,
         "tokenizer": tokenizer_dir,
         "scheduler_config": scheduler_config,
+        "files": files,
         "graphs": graphs,
         "roles": role_entries(dims, graphs, model_dtype, bs, [tuple(s) for s in sizes]),
         "versions": versions(),
@@ -157,5 +178,5 @@ def write_json_atomic(path: Path, data: Any) -> None:
             tmp.unlink()
 
 
-__all__ = ["build_manifest", "content_hash_dir", "content_hash_modules", "graph_entry", "role_entries", "versions",
-           "write_json_atomic"]
+__all__ = ["build_manifest", "content_hash_dir", "content_hash_modules", "file_records", "graph_entry", "role_entries",
+           "versions", "write_json_atomic"]

@@ -5,7 +5,9 @@ Importing this package never fails because the compiled library is missing:
 loaded, :data:`HAS_CUDA_KERNELS` whether ``libcfgswitch_cuda.so`` (the CUDA kernels) was
 built. Nothing here touches a GPU at import time.
 
-Ops: :func:`cfg_combine` and :func:`guide_and_step` (see :mod:`cfgswitch.kernels.guide_step`).
+Ops: :func:`cfg_combine` and :func:`guide_and_step` (see :mod:`cfgswitch.kernels.guide_step`);
+:func:`rescale_noise_cfg_reference`, diffusers' guidance rescale (see
+:mod:`cfgswitch.kernels.guidance_rescale`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from .guidance_rescale import rescale_noise_cfg_reference
 from .reference import cfg_combine_reference, guide_and_step_reference
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ def compiled_module() -> Optional[ModuleType]:
 
 from .guide_step import (  # noqa: E402  (needs compiled_module above)
     GuideStepResult,
+    V_PREDICTION,
     StepForm,
     compiled_available,
     guide_and_step,
@@ -94,5 +98,7 @@ __all__ = [
     "has_cuda_kernels",
     "pack_params",
     "pack_rows",
+    "rescale_noise_cfg_reference",
     "rows_for_modes",
+    "V_PREDICTION",
 ]

@@ -9,8 +9,9 @@ Three implementations share one contract (``kernels/include/cfgswitch_kernels.h`
   and the test oracle.
 
 Every parameter is per image: ``rows`` (int32 ``[B, 4]``: first row, second row or -1, update
-form, 0) and ``params`` (float32 ``[B, 8]``: guidance weight, ``c0..c5``, 0). The host computes
-the coefficients from a diffusers scheduler (see :mod:`cfgswitch.steppers`).
+form, 0) and ``params`` (float32 ``[B, 8]``: guidance weight, ``c0..c5``, 0). The form also says
+how the model output becomes x0 (epsilon or v-prediction, see :class:`StepForm`). The host computes
+the coefficients from a diffusers scheduler (see :mod:`cfgswitch.fused`, one rule per scheduler).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from .guidance_rescale import Rescale, rescale_factors, rescale_noise_cfg_reference
 from .reference import guide_and_step_reference
 
 logger = logging.getLogger(__name__)
@@ -38,12 +40,30 @@ _CUDA_DTYPES = {torch.float32: 0, torch.float16: 1}
 
 
 class StepForm(IntEnum):
-    """How ``x0 = (x - c0 e) / c1`` turns into the next latents (one per scheduler family)."""
+    """How the model output ``e`` becomes x0, and x0 the next latents (one per scheduler family).
+
+    Epsilon forms (0..3) take ``x0 = (x - c0 e) / c1``. The v-prediction forms (4..7, the
+    epsilon form plus :data:`V_PREDICTION`) convert per row instead: ``x0 = c1 x - c0 e`` (DDIM,
+    multistep), Euler's ``x0 = c0 e + x / c1``; DDIM's update then uses ``e' = c1 e + c0 x``.
+    """
 
     DDIM = 0  #: ``c2 x0 + c3 e``
     EULER = 1  #: ``x + ((x - x0) / c2) c3``
     MULTISTEP_1 = 2  #: ``c2 x - c3 x0`` (DPM-Solver++ first order)
     MULTISTEP_2 = 3  #: ``(c2 x - c3 x0) - c5 (c4 (x0 - prev))`` (DPM-Solver++ 2M)
+    DDIM_V = 4  #: ``x0 = c1 x - c0 e``, ``e' = c1 e + c0 x``; ``c2 x0 + c3 e'``
+    EULER_V = 5  #: ``x0 = c0 e + x / c1``; ``x + ((x - x0) / c2) c3``
+    MULTISTEP_1_V = 6  #: ``x0 = c1 x - c0 e``; ``c2 x - c3 x0``
+    MULTISTEP_2_V = 7  #: ``x0 = c1 x - c0 e``; ``(c2 x - c3 x0) - c5 (c4 (x0 - prev))``
+
+    @property
+    def needs_prev(self) -> bool:
+        """Whether the form reads the previous step's x0 (``prev``)."""
+        return self in (StepForm.MULTISTEP_2, StepForm.MULTISTEP_2_V)
+
+
+#: Added to an epsilon form's code: the same update on a v-prediction model.
+V_PREDICTION = 4
 
 
 class GuideStepResult(NamedTuple):
@@ -185,11 +205,42 @@ def _check(pred, sample, rows, params, prev, out, check_rows: bool) -> Tuple[int
         for b, (ra, rb, form, _) in enumerate(r):
             if not 0 <= ra < pred.shape[0] or not -1 <= rb < pred.shape[0]:
                 raise ValueError(f"rows[{b}]: expected rows in [0, {pred.shape[0]}) (row_b may be -1), got {ra}, {rb}")
-            if form not in (0, 1, 2, 3):
-                raise ValueError(f"rows[{b}, 2]: expected a form in 0..3, got {form}")
-            if form == StepForm.MULTISTEP_2 and prev is None:
-                raise ValueError(f"prev: expected the previous x0 for image {b} (form 3), got None")
+            if not 0 <= form < len(StepForm):
+                raise ValueError(f"rows[{b}, 2]: expected a form in 0..{len(StepForm) - 1}, got {form}")
+            if StepForm(form).needs_prev and prev is None:
+                raise ValueError(f"prev: expected the previous x0 for image {b} (form {form}), got None")
     return batch, per_image
+
+
+def _rescaled_rows(
+    pred: torch.Tensor, rows: torch.Tensor, params: torch.Tensor, guidance_rescale: Rescale, want_cosine: bool
+) -> Tuple[torch.Tensor, torch.Tensor, Dict[int, torch.Tensor]]:
+    """Guided images with ``phi > 0``: combine and rescale in torch, then step them as one prediction.
+
+    Returns the UNet rows with the rescaled predictions appended, the rows block pointing those
+    images at them (``row_b = -1``), and their cosines (from the original two rows) when asked.
+    """
+    rows_h = rows.to("cpu").tolist()
+    phi = rescale_factors(guidance_rescale, len(rows_h))
+    on = [b for b, r in enumerate(rows_h) if r[1] >= 0 and phi[b] > 0.0]
+    if not on:
+        return pred, rows, {}
+    dev = pred.device
+    ia = torch.tensor([rows_h[b][0] for b in on], dtype=torch.long, device=dev)
+    ib = torch.tensor([rows_h[b][1] for b in on], dtype=torch.long, device=dev)
+    u, c = pred.index_select(0, ia).float(), pred.index_select(0, ib).float()
+    w = params.to(dev, torch.float32)[torch.tensor(on, device=dev), 0].reshape((-1,) + (1,) * (u.dim() - 1))
+    guided = u + w * (c - u)  # the kernel's combine, op for op
+    rescaled = rescale_noise_cfg_reference(guided, c, [phi[b] for b in on])
+    new_rows = rows.clone()
+    for j, b in enumerate(on):
+        new_rows[b, 0] = pred.shape[0] + j
+        new_rows[b, 1] = -1
+    cosines = {}
+    if want_cosine:
+        cos = torch.nn.functional.cosine_similarity(u.reshape(len(on), -1), c.reshape(len(on), -1), dim=1)
+        cosines = {b: cos[j] for j, b in enumerate(on)}
+    return torch.cat([pred, rescaled.to(pred.dtype)]), new_rows, cosines
 
 
 def guide_and_step(
@@ -205,6 +256,7 @@ def guide_and_step(
     impl: str = "auto",
     check_rows: bool = True,
     threads: int = 0,
+    guidance_rescale: Optional[Rescale] = None,
 ) -> GuideStepResult:
     """Combine the predictions, apply the scheduler update and (optionally) the cosine, in one pass.
 
@@ -214,7 +266,8 @@ def guide_and_step(
         rows (`torch.Tensor` of shape `[B, 4]`, int32): per image ``row_a, row_b, form, 0``; on the
             device of ``sample`` or the CPU (checked when on the CPU).
         params (`torch.Tensor` of shape `[B, 8]`, float32): per image ``w, c0..c5, 0``.
-        prev (`torch.Tensor` like ``sample``, optional): the previous x0, for form ``MULTISTEP_2``.
+        prev (`torch.Tensor` like ``sample``, optional): the previous x0, for forms ``MULTISTEP_2``
+            and ``MULTISTEP_2_V``.
         want_x0 (`bool`, defaults to False): also return the predicted x0.
         want_cosine (`bool`, defaults to False): also return the per-image cosine similarity.
         out (`torch.Tensor` like ``sample``, optional): where to write the latents (may be ``sample``).
@@ -225,10 +278,29 @@ def guide_and_step(
             ``rows`` themselves may skip it.
         threads (`int`, defaults to 0): CPU kernel threads; 0 uses one thread below 2**20
             elements per call and OpenMP's default above.
+        guidance_rescale (`float` or `list[float]`, optional): diffusers' ``guidance_rescale``
+            (``phi`` in ``[0, 1]``, for all images or per image; see
+            :mod:`cfgswitch.kernels.guidance_rescale`). For guided images with ``phi > 0`` the
+            combine and the rescale (a per-image reduction) run in torch first, exactly as
+            diffusers' ``rescale_noise_cfg``; the kernel then converts and steps the rescaled
+            prediction. Their cosines are still those of the two original rows.
     """
     if impl not in ("auto", "compiled", "reference"):
         raise ValueError(f"impl: expected 'auto', 'compiled' or 'reference', got {impl!r}")
     batch, per_image = _check(pred, sample, rows, params, prev, out, check_rows)
+    rescaled_cos: Dict[int, torch.Tensor] = {}
+    if guidance_rescale is not None:
+        pred, rows, rescaled_cos = _rescaled_rows(pred, rows, params, guidance_rescale, want_cosine)
+    result = _guide_and_step(pred, sample, rows, params, prev, want_x0, want_cosine, out, impl, threads, batch,
+                             per_image)
+    if rescaled_cos:
+        for b, value in rescaled_cos.items():
+            result.cosine[b] = value.to(result.cosine.device)
+    return result
+
+
+def _guide_and_step(pred, sample, rows, params, prev, want_x0, want_cosine, out, impl, threads, batch, per_image):
+    """The op on checked arguments: the compiled kernel for the device and dtype, or the torch oracle."""
     use_compiled = impl != "reference" and compiled_available(sample.device, sample.dtype)
     if impl == "compiled" and not use_compiled:
         raise RuntimeError(f"guide_and_step: no compiled kernel for {sample.dtype} on {sample.device}")
@@ -280,6 +352,7 @@ __all__ = [
     "PARAMS_PER_IMAGE",
     "ROWS_PER_IMAGE",
     "StepForm",
+    "V_PREDICTION",
     "compiled_available",
     "cuda_library",
     "guide_and_step",

@@ -47,7 +47,7 @@ def guide_and_step_reference(
         sample (`torch.Tensor` of shape `[B, ...]`): current latents.
         rows (`torch.Tensor` of shape `[B, 4]`, int32): ``row_a, row_b (-1: one prediction), form, 0``.
         params (`torch.Tensor` of shape `[B, 8]`, float32): ``w, c0, c1, c2, c3, c4, c5, 0``.
-        prev (`torch.Tensor` of shape `[B, ...]`, optional): the previous x0 (form 3 only).
+        prev (`torch.Tensor` of shape `[B, ...]`, optional): the previous x0 (forms 3 and 7 only).
         want_x0 (`bool`, defaults to False): also return the predicted x0.
         want_cosine (`bool`, defaults to False): also return each image's cosine (NaN for one prediction).
 
@@ -74,19 +74,27 @@ def guide_and_step_reference(
             e = flat_pred[row_a]
             if want_cosine:
                 cosines.append(torch.tensor(float("nan"), device=x.device))
-        x0 = (x - c0 * e) / c1
-        if form == 0:
-            out = c2 * x0 + c3 * e
-        elif form == 1:
-            out = x + ((x - x0) / c2) * c3
-        elif form == 2:
-            out = c2 * x - c3 * x0
-        elif form == 3:
-            if flat_prev is None:
-                raise ValueError(f"prev: expected the previous x0 for image {b} (form 3), got None")
-            out = (c2 * x - c3 * x0) - c5 * (c4 * (x0 - flat_prev[b]))
+        if not 0 <= form <= 7:
+            raise ValueError(f"rows[{b}, 2]: expected a form in 0..7, got {form}")
+        base, v = form % 4, form >= 4
+        if not v:
+            x0 = (x - c0 * e) / c1
+        elif base == 1:  # Euler, v: c_out v + x / c_skip^-1
+            x0 = c0 * e + x / c1
         else:
-            raise ValueError(f"rows[{b}, 2]: expected a form in 0..3, got {form}")
+            x0 = c1 * x - c0 * e
+            if base == 0:  # DDIM's update uses the implied epsilon
+                e = c1 * e + c0 * x
+        if base == 0:
+            out = c2 * x0 + c3 * e
+        elif base == 1:
+            out = x + ((x - x0) / c2) * c3
+        elif base == 2:
+            out = c2 * x - c3 * x0
+        else:
+            if flat_prev is None:
+                raise ValueError(f"prev: expected the previous x0 for image {b} (form {form}), got None")
+            out = (c2 * x - c3 * x0) - c5 * (c4 * (x0 - flat_prev[b]))
         outs.append(out)
         x0s.append(x0)
     latents = torch.stack(outs).reshape(sample.shape).to(sample.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import numpy as np
 import pytest
@@ -124,6 +125,13 @@ def test_run_analysis_writes_everything(tiny_sampler, tmp_path):
     assert rec == data["recommendation"] == json.loads(json.dumps(res["recommendation"]))
     plan = GuidancePlan.parse(rec["plan"])  # the form generate / bench / serve accept
     assert str(plan) == rec["plan"]
+    # the adaptive recommendation: a plan that parses, checked on the sweep's prompts
+    ad = rec["adaptive"]
+    assert rec["adaptive_plan"] == ad["plan"] and str(GuidancePlan.parse(ad["plan"])) == ad["plan"]
+    if ad["plan"] != "always":
+        assert ad["threshold"] == math.floor(data["probes"]["per_step"]["cosine"][ad["from_step"]] * 1e4) / 1e4
+        assert ad["min_fraction"] == rec["fraction"] and ad["late"] == rec["late"]
+        assert 0.0 <= ad["rows_saved"] <= 0.5 and ad["lowfreq"] >= 0 and isinstance(ad["within_tolerance"], bool)
     report = (tmp_path / "report.md").read_text()
     assert "## Answers" in report and f"`{rec['plan']}`" in report and "![" in report
     assert str(tmp_path) not in report  # no machine paths in a report meant to be committed
@@ -134,8 +142,9 @@ def test_cli_runs_and_refuses_bad_input(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["analyze", "--model", str(tiny_model_dir), "--steps", "3", "--probe-prompts", "2", "--sweep-prompts", "2",
                  "--pairs", "1", "--fractions", "0,1", "--late-modes", "uncond", "--k-grid", "0,1,3", "--k-modes", "prompt",
-                 "--threads", "1", "--no-progress", "--out", str(out)])
+                 "--threads", "1", "--no-progress", "--no-save", "--out", str(out)])
     assert code == 0
+    assert not (tiny_model_dir / "cfgswitch.json").exists()  # --no-save: the shared fixture stays as it was
     data = json.loads((out / "analysis.json").read_text())
     assert data["config"]["fractions"] == [0.0, 1.0] and list(data["eos"]["step_k"]) == ["prompt"]
     assert data["scorer"].startswith("the model is not the embedded shapes model")
@@ -205,3 +214,24 @@ def test_scored_run_on_a_64px_model(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "accuracy % (mean / colour / shape / size / position / background)" in report and "matches B" in report
     assert "Per attribute (share of images whose attribute matches A / B)" in report
+
+
+@pytest.mark.slow
+def test_cli_saves_recommendations_and_auto_uses_them(tiny_model_dir, tmp_path, capsys):
+    model = tmp_path / "model"  # a folder of its own (the parts linked), so the shared fixture stays clean
+    model.mkdir()
+    for part in tiny_model_dir.iterdir():
+        (model / part.name).symlink_to(part)
+    code = main(["analyze", "--model", str(model), "--steps", "4", "--probe-prompts", "2", "--sweep-prompts", "2",
+                 "--experiments", "probes,sweep", "--fractions", "0,0.5,1", "--late-modes", "cond",
+                 "--lowfreq-tolerance", "1", "--threads", "1", "--no-progress", "--out", str(tmp_path / "a")])
+    assert code == 0
+    saved = json.loads((model / "cfgswitch.json").read_text())
+    rec = json.loads((tmp_path / "a" / "recommendation.json").read_text())
+    # tolerance 1: every fraction qualifies, the earliest (0, cond) wins
+    assert saved["recommended_plan"] == rec["plan"] == "switch:0:cond"
+    assert saved["recommended_adaptive_plan"] == rec["adaptive_plan"]
+    assert saved["evidence"]["adaptive"]["threshold"] == rec["adaptive"]["threshold"]
+    out = tmp_path / "gen"
+    assert main(["generate", "x", "--model", str(model), "--steps", "4", "--plan", "auto", "--out", str(out)]) == 0
+    assert json.loads((out / "result.json").read_text())["plan"] == "switch:0:cond"

@@ -193,3 +193,20 @@ def test_tolerance_is_checked():
         Tolerance(lowfreq=-0.1)
     with pytest.raises(InvalidArgumentError, match=r"tolerance.accuracy_points: expected a number >= 0"):
         Tolerance(accuracy_points=float("nan"))
+
+
+def test_recommend_adaptive_threshold_and_minimum():
+    from cfgswitch.analysis.recommend import recommend_adaptive
+
+    probes = {"per_step": {"cosine": [0.99649, 0.99896, 0.99948, 0.99959, 0.99972, 0.99979, 0.99981]}}
+    rec = recommend(_sweep({"cond": {0.0: 0.2, 0.2: 0.02, 0.5: 0.01, 1.0: 0.0}}, steps=30), Tolerance(lowfreq=0.03))
+    assert (rec["plan"], rec["switch_step"]) == ("switch:0.2:cond", 6)
+    ad = recommend_adaptive(probes, rec)
+    # the mean cosine at step 5 (the last guided step of switch:0.2 of 30) is 0.99979 -> 0.9997
+    assert ad["threshold"] == 0.9997 and ad["from_step"] == 5 and ad["min_fraction"] == 0.2 and ad["late"] == "cond"
+    assert ad["plan"] == "adaptive:0.9997:min=0.2:cond"
+    plan = GuidancePlan.parse(ad["plan"])
+    assert not plan.should_switch(1.0, 4, 30) and plan.should_switch(0.9997, 5, 30)  # never before step 6
+    # always recommended: so is the adaptive plan; no probes: no adaptive recommendation
+    assert recommend_adaptive(probes, recommend(_sweep({"uncond": {0.0: 0.5, 1.0: 0.0}}), Tolerance(lowfreq=0.01)))["plan"] == "always"
+    assert recommend_adaptive(None, rec) is None

@@ -110,8 +110,11 @@ def test_missing_onnxruntime_names_the_extra(tiny_bundle, monkeypatch):  # noqa:
 
 
 def test_no_backend_installed_names_both_extras(tiny_bundle, monkeypatch):  # noqa: F811
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    from cfgswitch.backends.registry import BACKENDS
+
+    for entry in BACKENDS.values():  # every bundle backend of the registry (onnxruntime, tensorrt, openvino, ...)
+        if entry.source == "bundle" and entry.module:
+            monkeypatch.setitem(sys.modules, entry.module, None)
     with pytest.raises(BackendUnavailableError, match=r"cfgswitch\[cpu\].*cfgswitch\[gpu\]"):
         Sampler.load(tiny_bundle)
 
@@ -133,7 +136,7 @@ def test_bad_threads(tiny_bundle, threads):  # noqa: F811
 
 
 def test_torch_backend_on_bundle_is_refused(tiny_bundle):  # noqa: F811
-    with pytest.raises(InvalidArgumentError, match="'onnxruntime' or 'tensorrt' for a bundle"):
+    with pytest.raises(InvalidArgumentError, match=r"'onnxruntime', 'tensorrt' .*for a bundle \(the torch backend runs a diffusers folder\), got 'torch'"):
         Sampler.load(tiny_bundle, backend="torch")
 
 

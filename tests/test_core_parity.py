@@ -1,18 +1,28 @@
-"""The switching loop against diffusers' own StableDiffusionPipeline, same components and seeds."""
+"""The switching loop against diffusers' own StableDiffusionPipeline, same components and seeds.
+
+The reference scheduler is built as a diffusers user builds it, ``Class.from_config(config)`` on
+the pipeline's original scheduler config, never through ``cfgswitch.schedulers``.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
 from cfgswitch import GuidancePlan, Sampler
-from cfgswitch.schedulers import make_scheduler
 
 TOL = 1e-5  # max abs difference on np images in [0, 1]
 PROMPTS = ["a red square at the top", "blue circle, large", "a green triangle on black"]
 NEGATIVES = ["blurry", "", "ugly, low quality"]
 STEPS = 8
+DIFFUSERS_CLASSES = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+}
 
 
 def cfg_cutoff_callback(switch_step: int, late: str):
@@ -33,8 +43,8 @@ def cfg_cutoff_callback(switch_step: int, late: str):
     return callback
 
 
-def run_diffusers(pipe, sampler, scheduler, prompts, negatives, seeds, switch_step=None, late="uncond"):
-    pipe.scheduler = make_scheduler(scheduler, sampler.scheduler_config)
+def run_diffusers(pipe, base_config, scheduler, prompts, negatives, seeds, switch_step=None, late="uncond"):
+    pipe.scheduler = DIFFUSERS_CLASSES[scheduler].from_config(base_config)
     kwargs = {}
     if switch_step is not None:
         kwargs = dict(callback_on_step_end=cfg_cutoff_callback(switch_step, late), callback_on_step_end_tensor_inputs=["prompt_embeds"])
@@ -46,16 +56,24 @@ def run_diffusers(pipe, sampler, scheduler, prompts, negatives, seeds, switch_st
 
 
 @pytest.fixture(scope="module")
-def sampler(tiny_pipe):
+def base_config(tiny_pipe):
+    """The pipeline's own scheduler config, kept before the tests swap schedulers (restored after)."""
+    original = tiny_pipe.scheduler
+    yield original.config
+    tiny_pipe.scheduler = original
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny_pipe, base_config):
     return Sampler.from_diffusers(tiny_pipe)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_always_matches_diffusers(tiny_pipe, sampler, scheduler, batch):
+def test_always_matches_diffusers(tiny_pipe, base_config, sampler, scheduler, batch):
     prompts, negatives, seeds = PROMPTS[:batch], NEGATIVES[:batch], [11, 22, 33][:batch]
     ours = sampler.generate(prompts, negatives, steps=STEPS, scheduler=scheduler, plan="always", seed=seeds, output_type="np")
-    ref = run_diffusers(tiny_pipe, sampler, scheduler, prompts, negatives, seeds)
+    ref = run_diffusers(tiny_pipe, base_config, scheduler, prompts, negatives, seeds)
     assert ours.images.shape == ref.shape
     assert np.abs(ours.images - ref).max() <= TOL
     assert ours.cfg_steps == STEPS and ours.late_steps == 0
@@ -63,12 +81,12 @@ def test_always_matches_diffusers(tiny_pipe, sampler, scheduler, batch):
 
 @pytest.mark.parametrize("late", ["cond", "uncond"])
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m", "euler_a"])
-def test_switch_matches_diffusers_cfg_cutoff(tiny_pipe, sampler, late, scheduler):
+def test_switch_matches_diffusers_cfg_cutoff(tiny_pipe, base_config, sampler, late, scheduler):
     seeds = [5, 6, 7]
     plan = GuidancePlan.switch_at(0.5, late=late)
     ours = sampler.generate(PROMPTS, NEGATIVES, steps=STEPS, scheduler=scheduler, plan=plan, seed=seeds, output_type="np")
     assert ours.switch_step == STEPS // 2 and ours.late_mode == late
-    ref = run_diffusers(tiny_pipe, sampler, scheduler, PROMPTS, NEGATIVES, seeds, switch_step=STEPS // 2, late=late)
+    ref = run_diffusers(tiny_pipe, base_config, scheduler, PROMPTS, NEGATIVES, seeds, switch_step=STEPS // 2, late=late)
     assert np.abs(ours.images - ref).max() <= TOL
 
 
@@ -82,12 +100,12 @@ def test_switch_differs_from_always(sampler):
 
 
 @pytest.mark.parametrize("guidance", [1.0, 0.5])
-def test_guidance_at_most_one_runs_no_cfg_as_diffusers(tiny_pipe, sampler, guidance):
+def test_guidance_at_most_one_runs_no_cfg_as_diffusers(tiny_pipe, base_config, sampler, guidance):
     """diffusers skips CFG for guidance_scale <= 1 (B rows of the prompt); so does generate."""
     seeds = [3, 4]
     ours = sampler.generate(PROMPTS[:2], NEGATIVES[:2], steps=STEPS, plan="always", guidance_scale=guidance,
                             seed=seeds, output_type="np")
-    tiny_pipe.scheduler = make_scheduler("ddim", sampler.scheduler_config)
+    tiny_pipe.scheduler = DDIMScheduler.from_config(base_config)
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     ref = tiny_pipe(PROMPTS[:2], negative_prompt=NEGATIVES[:2], num_inference_steps=STEPS, guidance_scale=guidance,
                     generator=gens, output_type="np").images

@@ -9,7 +9,8 @@ from cfgswitch import GuidancePlan, InvalidArgumentError, PlanParseError
 
 @pytest.mark.parametrize(
     "text", ["always", "switch:0.5", "switch:0.5:cond", "step:20", "timestep:500", "interval:0.2:0.6", "adaptive:0.995",
-             "interval:0.2:0.6:cond", "adaptive:0.995:cond", "step:0"],
+             "interval:0.2:0.6:cond", "adaptive:0.995:cond", "step:0", "adaptive:0.999:min=0.2",
+             "adaptive:0.9997:min=0.2:cond"],
 )
 def test_round_trip(text):
     plan = GuidancePlan.parse(text)
@@ -54,7 +55,8 @@ def test_adaptive_switch_rule():
 @pytest.mark.parametrize(
     "text", ["", "sometimes", "switch", "switch:", "switch:abc", "switch:1.5", "switch:-0.1", "switch:0.5:maybe",
              "step:2.5", "step:-1", "interval:0.6:0.2", "interval:0.2", "adaptive:2", "always:0.5", "timestep:-3",
-             "switch:nan", "switch:0.5:cond:extra"],
+             "switch:nan", "switch:0.5:cond:extra", "switch:0.5:min=0.2", "adaptive:0.99:min=1.5", "adaptive:0.99:min=x",
+             "adaptive:0.99:min=0.1:min=0.2", "auto"],
 )
 def test_malformed_strings(text):
     with pytest.raises(PlanParseError) as e:
@@ -80,6 +82,7 @@ def test_non_string_plan():
         (lambda: GuidancePlan.interval(0.5, 0.4), "end"),
         (lambda: GuidancePlan.interval(-1, 0.4), "start"),
         (lambda: GuidancePlan.adaptive(1.5), "threshold"),
+        (lambda: GuidancePlan.adaptive(0.99, min_fraction=1.2), "min_fraction"),
         (lambda: GuidancePlan.switch_at_timestep(float("inf")), "timestep"),
     ],
 )
@@ -88,3 +91,27 @@ def test_bad_constructor_arguments(make, argument):
         make()
     assert e.value.argument == argument
     assert str(e.value).startswith(f"{argument}: expected")
+
+
+def test_adaptive_minimum_share_of_cfg_steps():
+    plan = GuidancePlan.parse("adaptive:0.999:min=0.2")
+    assert plan == GuidancePlan.adaptive(0.999, min_fraction=0.2) and plan.min_fraction == 0.2
+    # 10 steps, min=0.2: steps 0 and 1 always run guided, so the earliest switch is after step 1
+    assert [plan.may_switch(i, 10) for i in range(4)] == [False, True, True, True]
+    assert [plan.should_switch(1.0, i, 10) for i in range(4)] == [False, True, True, True]
+    assert not plan.should_switch(0.998, 5, 10)  # below the threshold: never
+    # without the step index the minimum cannot be honoured: it never switches (CFG all the way)
+    assert not plan.should_switch(1.0)
+    # no minimum: the threshold alone decides, at any step
+    assert GuidancePlan.adaptive(0.999).should_switch(0.9995, 0, 10)
+    # 30 steps, min=0.2: the first late step is 6 at the earliest
+    assert min(i + 1 for i in range(30) if plan.may_switch(i, 30)) == 6
+    assert not GuidancePlan.switch_at(0.5).may_switch(20, 30)
+
+
+def test_step_plan_messages():
+    with pytest.raises(PlanParseError) as e:
+        GuidancePlan.parse("step:-1")
+    assert str(e.value) == "plan: expected a valid plan (step: an integer >= 0), got 'step:-1'"
+    with pytest.raises(PlanParseError, match="'auto' is resolved against a model"):
+        GuidancePlan.parse("auto")

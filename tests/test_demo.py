@@ -17,8 +17,10 @@ def test_demo_writes_grid_and_table(tmp_path, capsys, monkeypatch, backend, expe
     # auto picks the fastest installed backend: onnxruntime (installed for the tests) through a
     # bundle exported once into the cache
     monkeypatch.setenv("CFGSWITCH_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "grid.png"
-    assert main(["demo", "--out", str(out), "--steps", "4", "--repeats", "1", "--backend", backend]) == 0
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--out", str(out_dir), "--steps", "4", "--repeats", "1", "--backend", backend, "--threads", "1"]) == 0
+    out = out_dir / "grid.png"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["grid.png"]
     text = capsys.readouterr().out
     assert f"backend: {expected}" in text
     if expected == "onnxruntime":
@@ -41,14 +43,34 @@ def test_demo_writes_grid_and_table(tmp_path, capsys, monkeypatch, backend, expe
     "argv, message",
     [
         (["--steps", "1"], "--steps: expected an integer >= 2, got 1"),
-        (["--out", "grid.jpg"], "--out: expected a .png path"),
+        (["--out", "afile"], "--out: expected a folder (or a path that does not exist yet), got 'afile (an existing file)'"),
+        (["--out", "earlier"], "--out: expected a folder without an earlier run's files (or pass --overwrite), "
+                               "got 'earlier (holds grid.png)'"),
         (["--repeats", "0"], "--repeats: expected a positive integer, got 0"),
-        (["--threads", "0"], "--threads: expected a positive integer, got 0"),
+        (["--threads", "0"], "--threads: expected an integer >= 1, got 0"),
+        (["--scheduler", "nope"], "scheduler: expected"),
+        (["--guidance-scale", "-1"], "guidance_scale: expected a finite number >= 0, got -1.0"),
+        (["--seed", "-1"], "seed: expected an integer in [0, 9223372036854775804] for 4 images"),
+        (["--prompt", "bad \udcff"], "prompts[0]: expected text that encodes as UTF-8"),
         (["--bundle", "no/such/bundle"], "--bundle: expected a bundle folder with manifest.json"),
     ],
 )
 def test_demo_rejects_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "grid.png").write_bytes(b"old")
     assert main(["demo", *argv]) == 2
     assert message in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
+    # nothing written: no default output folder, the earlier grid untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "earlier"]
+    assert (tmp_path / "earlier" / "grid.png").read_bytes() == b"old"
+
+
+def test_demo_default_output_folder_is_ignored_by_git():
+    from pathlib import Path
+
+    from cfgswitch.demo import DEFAULT_OUT
+
+    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
+    assert f"/{DEFAULT_OUT}/" in ignored

@@ -135,7 +135,7 @@ def test_concurrent_builders_of_one_key_build_once(tmp_path):
     for t in threads:
         t.join()
     assert len(calls) == 1
-    assert sorted(built for _, built in results) == [False, True]
+    assert sorted(built for _, built, _ in results) == [False, True]
     assert results[0][0] == results[1][0] and results[0][0].read_bytes() == b"PLAN"
 
 
@@ -153,8 +153,9 @@ def test_build_records_plans_roles_and_uses_cache(bundle_copy):  # noqa: F811
 
     asked = []
 
-    def builder(onnx_path, profiles, timing_cache, level):
-        asked.append((onnx_path.name, [p.batch for p in profiles], level))
+    def builder(onnx_path, profiles, options, flavour):
+        asked.append((onnx_path.name, [p.batch for p in profiles], options.builder_optimization_level))
+        assert flavour.name == "tensorrt"
         return f"plan of {onnx_path.name}".encode()
 
     entry = build_bundle(bundle_copy, BuildOptions(builder_optimization_level=2), _fake_target(), builder, progress=False)
@@ -163,6 +164,7 @@ def test_build_records_plans_roles_and_uses_cache(bundle_copy):  # noqa: F811
     m = read_manifest(bundle_copy).manifest
     rec = m["engines"]["two-engines"]
     assert rec == entry and rec["tensorrt_version"] == "10.7.0" and rec["compute_capability"] == "9.0"
+    assert rec["tensorrt_flavour"] == "tensorrt" and rec["build_flags"]["tf32"] is True
     assert rec["roles"]["cfg"] == {"plan": "unet_cfg", "profiles": [0, 1], "combine_outside": False}
     assert rec["roles"]["late"]["plan"] == "unet"
     plan = rec["plans"]["unet_cfg"]
@@ -170,9 +172,11 @@ def test_build_records_plans_roles_and_uses_cache(bundle_copy):  # noqa: F811
     assert plan["sha256"] == sha256_file(bundle_copy / plan["file"])
     b = read_manifest(bundle_copy)
     assert has_tensorrt_plans(b)
-    assert pick_backend(b, importable=lambda m: True)[0] == "tensorrt"
-    assert pick_backend(b, importable=lambda m: m == "onnxruntime") == (
+    assert pick_backend(b, importable=lambda m: True, cuda=lambda: True)[0] == "tensorrt"
+    assert pick_backend(b, importable=lambda m: m == "onnxruntime", cuda=lambda: True) == (
         "onnxruntime", "the bundle has TensorRT plans but tensorrt does not import")
+    assert pick_backend(b, importable=lambda m: True, cuda=lambda: False) == (
+        "onnxruntime", "the bundle has TensorRT plans but no CUDA GPU is visible for tensorrt")
     # Same inputs: every plan comes from the cache; another TensorRT version: new keys, new plans.
     asked.clear()
     again = build_bundle(bundle_copy, BuildOptions(builder_optimization_level=2), _fake_target(), builder, progress=False)
@@ -262,7 +266,7 @@ def test_build_cli_errors(tiny_bundle, tmp_path, capsys):  # noqa: F811
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_build_without_tensorrt_names_gpu_extra(bundle_copy, capsys):  # noqa: F811
-    assert main(["build", str(bundle_copy), "--no-progress"]) == 2
+    assert main(["build", str(bundle_copy), "--trt", "tensorrt", "--no-progress"]) == 2
     assert "pip install 'cfgswitch[gpu]'" in capsys.readouterr().err
     assert json.loads((bundle_copy / "manifest.json").read_text())["engines"] == {}
 
@@ -293,3 +297,134 @@ def test_tensorrt_generate_matches_onnxruntime(bundle_copy, layout):  # noqa: F8
         a = trt_s.generate(["a fox", "b", "c"], steps=6, plan=plan, output_type="np").images
         b = ort_s.generate(["a fox", "b", "c"], steps=6, plan=plan, output_type="np").images
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-2)  # TF32 / tactic differences on the GPU
+
+
+# ------------------------------------------------------------------ issue 13: flavour, TF32, external data
+def test_cache_key_covers_flavour_tf32_and_external_data():
+    from cfgswitch.export.cache import plan_cache_key
+
+    profs = profiles_for("late", SD, [1], [(512, 512)])
+    base = plan_cache_key("aa", profs, "1.7.1.116", "portable", {"tf32": True})
+    variants = [
+        plan_cache_key("aa", profs, "1.7.1.116", "portable", {"tf32": False}),
+        plan_cache_key("aa", profs, "1.7.1.116", "portable", {"tf32": True}, external_data_sha256="d1"),
+        plan_cache_key("aa", profs, "1.7.1.116", "portable", {"tf32": True}, flavour="tensorrt-rtx"),
+    ]
+    assert len({base, *variants}) == 4
+    assert plan_cache_key("aa", profs, "1.7.1.116", "portable", {"tf32": True}, external_data_sha256="d2") != variants[1]
+
+
+def test_build_options_refuse_unknown_trt_and_default_tf32_on():
+    from cfgswitch.export.build import BuildOptions
+
+    assert BuildOptions().flags()["tf32"] is True
+    assert BuildOptions(tf32=False).flags()["tf32"] is False
+    with pytest.raises(InvalidArgumentError, match=r"--trt: expected one of tensorrt, tensorrt-rtx, auto, got 'rtx'"):
+        BuildOptions(trt="rtx").check()
+
+
+def test_unknown_trt_on_the_command_line(tiny_bundle, capsys):  # noqa: F811
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it before any work
+        main(["build", str(tiny_bundle), "--trt", "tensorrt-11"])
+    assert exit_info.value.code == 2
+    assert "argument --trt: invalid choice: 'tensorrt-11' (choose from 'tensorrt', 'tensorrt-rtx', 'auto')" in capsys.readouterr().err
+
+
+def _external_data_unet(bundle, scale):
+    """Re-save ``unet.onnx`` with its weights in ``unet.onnx.data`` (scaled by ``scale``), and record both in the manifest."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from cfgswitch.bundle import sha256_file
+
+    model = onnx.load(str(bundle / "unet.onnx"))
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype == np.float32 and arr.size > 256:
+            init.CopyFrom(numpy_helper.from_array((arr * scale).astype(np.float32), init.name))
+    onnx.save_model(model, str(bundle / "unet.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="unet.onnx.data", size_threshold=1024)
+    m = json.loads((bundle / "manifest.json").read_text())
+    g = m["graphs"]["unet"]
+    g["sha256"], g["bytes"] = sha256_file(bundle / "unet.onnx"), (bundle / "unet.onnx").stat().st_size
+    g["external_data"] = {"file": "unet.onnx.data", "sha256": sha256_file(bundle / "unet.onnx.data"),
+                          "bytes": (bundle / "unet.onnx.data").stat().st_size}
+    (bundle / "manifest.json").write_text(json.dumps(m, indent=2))
+    return g
+
+
+def test_cache_key_tells_apart_graphs_that_differ_only_in_external_data(tiny_bundle, tmp_path):  # noqa: F811
+    """A base model and a fine-tune: identical ``unet.onnx``, different ``unet.onnx.data``, so different plans."""
+    import shutil
+
+    from cfgswitch.export.build import BuildOptions, build_bundle
+
+    keys = []
+    for i, scale in enumerate((1.0, 1.5)):
+        b = tmp_path / f"b{i}"
+        shutil.copytree(tiny_bundle, b)
+        keys.append(_external_data_unet(b, scale))
+    assert keys[0]["sha256"] == keys[1]["sha256"]  # the .onnx files are byte-identical
+    assert keys[0]["external_data"]["sha256"] != keys[1]["external_data"]["sha256"]
+    shared_cache = tmp_path / "cache"  # one cache for both, as a host serving a base and a fine-tune would
+    entries = [build_bundle(tmp_path / f"b{i}", BuildOptions(cache_dir=shared_cache), _fake_target(), lambda *a: b"x",
+                            progress=False) for i in range(2)]
+    a, b = (e["plans"]["unet"] for e in entries)
+    assert a["cache_key"] != b["cache_key"] and b["built_now"]
+    assert a["external_data_sha256"] == keys[0]["external_data"]["sha256"]
+    assert entries[0]["plans"]["text_encoder"]["cache_key"] == entries[1]["plans"]["text_encoder"]["cache_key"]
+    from cfgswitch.bundle import read_manifest
+
+    for i in range(2):  # plans of a cache outside the bundle are placed inside it: the bundle stays sealed
+        b = read_manifest(tmp_path / f"b{i}")
+        assert all(p["file"].startswith("engines/") and (b.path / p["file"]).is_file()
+                   for p in b.engines("two-engines")["plans"].values())
+
+
+def test_plans_of_another_flavour_are_refused_with_the_rebuild_command(bundle_copy):  # noqa: F811
+    from cfgswitch.export.build import BuildOptions, BuildTarget, build_bundle
+    from cfgswitch.runners.tensorrt import check_engine_compat
+
+    rtx = BuildTarget("1.7.1.116", "portable", "none (ahead-of-time build)", "tensorrt-rtx")
+    entry = build_bundle(bundle_copy, BuildOptions(), rtx, lambda *a: b"x", progress=False)
+    assert entry["tensorrt_flavour"] == "tensorrt-rtx" and entry["compute_capability"] == "portable"
+    check_engine_compat(entry, bundle_copy, "two-engines", "1.7.1.116", "8.6", "tensorrt-rtx")  # portable: any GPU
+    # The rebuild command names the TensorRT this process runs.
+    with pytest.raises(EngineMismatchError, match=r"built by tensorrt-rtx 1.7.1.116, this process runs tensorrt 10.7.0.*"
+                                                  r"Rebuild with: cfgswitch build .* --layout two-engines$"):
+        check_engine_compat(entry, bundle_copy, "two-engines", "10.7.0", "8.6", "tensorrt")
+    with pytest.raises(EngineMismatchError, match=r"TensorRT for RTX 1.7.1.116, this process runs TensorRT for RTX 1.8.0"):
+        check_engine_compat(entry, bundle_copy, "two-engines", "1.8.0", "8.6", "tensorrt-rtx")
+    full = _entry(bundle_copy)  # no flavour recorded by older builds means full TensorRT
+    full.pop("tensorrt_flavour")
+    with pytest.raises(EngineMismatchError, match=r"built by tensorrt 10.7.0, this process runs tensorrt-rtx.*"
+                                                  r"--layout two-engines --trt tensorrt-rtx$"):
+        check_engine_compat(full, bundle_copy, "two-engines", "1.7.1.116", "9.0", "tensorrt-rtx")
+
+
+def test_resolve_flavour():
+    from cfgswitch.backends.trt_flavour import FLAVOURS, resolve_flavour
+
+    assert resolve_flavour("tensorrt-rtx") is FLAVOURS["tensorrt-rtx"]
+    with pytest.raises(InvalidArgumentError, match="--trt"):
+        resolve_flavour("trt")
+    if importlib.util.find_spec("tensorrt") is None and importlib.util.find_spec("tensorrt_rtx") is not None:
+        assert resolve_flavour("auto").name == "tensorrt-rtx"
+
+
+def test_compute_capability_targets_are_recorded_and_checked(bundle_copy):  # noqa: F811
+    from cfgswitch.export.build import BuildOptions, BuildTarget, build_bundle
+    from cfgswitch.runners.tensorrt import check_engine_compat
+
+    with pytest.raises(InvalidArgumentError, match=r"--compute-capability: expected TensorRT for RTX targets among 7.5, 8.0"):
+        BuildOptions(trt="tensorrt-rtx", compute_capabilities=("9.0",)).check()
+    with pytest.raises(InvalidArgumentError, match="--compute-capability"):
+        BuildOptions(trt="tensorrt", compute_capabilities=("8.6",)).check()
+    target = BuildTarget("1.7.1.116", "7.5,8.6", "none (ahead-of-time build)", "tensorrt-rtx")
+    entry = build_bundle(bundle_copy, BuildOptions(trt="tensorrt-rtx", compute_capabilities=("7.5", "8.6")), target,
+                         lambda *a: b"x", progress=False)
+    assert entry["compute_capability"] == "7.5,8.6"
+    check_engine_compat(entry, bundle_copy, "two-engines", "1.7.1.116", "7.5", "tensorrt-rtx")
+    with pytest.raises(EngineMismatchError, match=r"compute capability 7.5,8.6 .*this GPU has 8.9.*--trt tensorrt-rtx"):
+        check_engine_compat(entry, bundle_copy, "two-engines", "1.7.1.116", "8.9", "tensorrt-rtx")

@@ -33,6 +33,10 @@ COEFFS = {
     StepForm.EULER: (3.1, 1.0, 3.1, -0.7, 0.0, 0.0),
     StepForm.MULTISTEP_1: (0.95, 0.31, 0.55, -0.21, 0.0, 0.0),
     StepForm.MULTISTEP_2: (0.95, 0.31, 0.55, -0.21, 1.7, -0.105),
+    StepForm.DDIM_V: (0.6, 0.8, 0.9, 0.43, 0.0, 0.0),
+    StepForm.EULER_V: (-0.95, 10.6, 3.1, -0.7, 0.0, 0.0),
+    StepForm.MULTISTEP_1_V: (0.95, 0.31, 0.55, -0.21, 0.0, 0.0),
+    StepForm.MULTISTEP_2_V: (0.95, 0.31, 0.55, -0.21, 1.7, -0.105),
 }
 
 

@@ -1,5 +1,10 @@
 """The guide_and_step op: compiled CPU kernel vs its torch oracle, and fused steps vs diffusers.
 
+The fused rules' coefficients (plain Python, :mod:`cfgswitch.fused`) are checked against
+``scheduler.step`` through the torch oracle without the compiled library, and again through the
+compiled kernel when it is built; epsilon and v-prediction, leading and trailing spacing, with
+and without zero-terminal-SNR betas.
+
 Tolerances: latents and x0 are compared for exact equality (0.0) where both sides evaluate the
 same float32 operations in the same order (the kernel is built with -ffp-contract=off); the
 issue's bound is 1e-6. Cosines are sums over thousands of products, accumulated in double by
@@ -16,6 +21,7 @@ import torch
 from cfgswitch import kernels
 from cfgswitch.kernels import StepForm, guide_and_step, guide_and_step_reference, pack_params, pack_rows, rows_for_modes
 from cfgswitch.schedulers import make_scheduler, set_timesteps
+from cfgswitch.step_coefficients import fused_support
 from cfgswitch.steppers import FusedStepper, ReferenceStepper, make_stepper
 from cfgswitch.tiny_model import SD_SCHEDULER_CONFIG
 
@@ -25,6 +31,10 @@ COEFFS = {  # plausible magnitudes of each form's coefficients
     StepForm.EULER: (3.1, 1.0, 3.1, -0.7, 0.0, 0.0),
     StepForm.MULTISTEP_1: (0.95, 0.31, 0.55, -0.21, 0.0, 0.0),
     StepForm.MULTISTEP_2: (0.95, 0.31, 0.55, -0.21, 1.7, -0.105),
+    StepForm.DDIM_V: (0.6, 0.8, 0.9, 0.43, 0.0, 0.0),
+    StepForm.EULER_V: (-0.95, 10.6, 3.1, -0.7, 0.0, 0.0),
+    StepForm.MULTISTEP_1_V: (0.95, 0.31, 0.55, -0.21, 0.0, 0.0),
+    StepForm.MULTISTEP_2_V: (0.95, 0.31, 0.55, -0.21, 1.7, -0.105),
 }
 
 
@@ -58,7 +68,7 @@ def test_compiled_matches_reference_exactly(form, guided):
 def test_mixed_forms_threads_and_in_place():
     # 3 x 4 x 96 x 96 = 110592 elements: two threads, several tiles per image.
     guided = (True, False, True)
-    forms = [StepForm.MULTISTEP_2, StepForm.EULER, StepForm.DDIM]
+    forms = [StepForm.MULTISTEP_2, StepForm.EULER_V, StepForm.DDIM]
     pred, sample, prev, rows, params = _inputs(guided, forms, shape=(4, 96, 96), seed=3)
     ref = guide_and_step_reference(pred, sample, rows, params, prev, want_x0=True, want_cosine=True)
     one = guide_and_step(pred, sample, rows, params, prev, want_x0=True, want_cosine=True, impl="compiled", threads=1)
@@ -102,6 +112,13 @@ def test_argument_errors():
     pred, sample, prev, rows, params = _inputs((True,), [StepForm.MULTISTEP_2])
     with pytest.raises(ValueError, match=r"prev: expected the previous x0 for image 0 \(form 3\)"):
         guide_and_step(pred, sample, rows, params, None)
+    v_rows = rows.clone()
+    v_rows[0, 2] = int(StepForm.MULTISTEP_2_V)
+    with pytest.raises(ValueError, match=r"prev: expected the previous x0 for image 0 \(form 7\)"):
+        guide_and_step(pred, sample, v_rows, params, None)
+    v_rows[0, 2] = 8
+    with pytest.raises(ValueError, match=r"rows\[0, 2\]: expected a form in 0..7, got 8"):
+        guide_and_step(pred, sample, v_rows, params, prev)
     bad = rows.clone()
     bad[0, 1] = 7
     with pytest.raises(ValueError, match=r"rows\[0\]: expected rows in \[0, 2\)"):
@@ -124,6 +141,15 @@ def test_raw_binding_checks_rows():
     with pytest.raises(ValueError, match=r"image 0: row_a: expected a row in \[0, 2\), got 5"):
         mod.guide_and_step_f32(pred.data_ptr(), bad.data_ptr(), params.data_ptr(), sample.data_ptr(), 0,
                                out.data_ptr(), 0, 0, 1, sample.numel(), 2, 0)
+    bad = rows.clone()
+    bad[0, 2] = 8
+    with pytest.raises(ValueError, match=r"image 0: form: expected 0..7, got 8"):
+        mod.guide_and_step_f32(pred.data_ptr(), bad.data_ptr(), params.data_ptr(), sample.data_ptr(), 0,
+                               out.data_ptr(), 0, 0, 1, sample.numel(), 2, 0)
+    bad[0, 2] = int(StepForm.MULTISTEP_2_V)
+    with pytest.raises(ValueError, match=r"image 0: prev: expected the previous x0 for form 7"):
+        mod.guide_and_step_f32(pred.data_ptr(), bad.data_ptr(), params.data_ptr(), sample.data_ptr(), 0,
+                               out.data_ptr(), 0, 0, 1, sample.numel(), 2, 0)
     with pytest.raises(ValueError, match="out: expected a non-null address"):
         mod.guide_and_step_f32(pred.data_ptr(), rows.data_ptr(), params.data_ptr(), sample.data_ptr(), 0, 0, 0, 0, 1,
                                sample.numel(), 2, 0)
@@ -139,6 +165,16 @@ SCHEDULER_CASES = [
     ("dpmpp_2m", {"euler_at_final": True, "final_sigmas_type": "sigma_min"}),
     ("dpmpp_2m", {"use_karras_sigmas": True}),
     ("euler", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
+    # SD 2.x: v-prediction, and the zero-terminal-SNR recipe (trailing spacing, rescaled betas)
+    ("ddim", {"prediction_type": "v_prediction"}),
+    ("ddim", {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "rescale_betas_zero_snr": True}),
+    ("euler", {"prediction_type": "v_prediction"}),
+    ("euler", {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "rescale_betas_zero_snr": True}),
+    ("dpmpp_2m", {"prediction_type": "v_prediction"}),
+    ("dpmpp_2m", {"prediction_type": "v_prediction", "solver_type": "heun", "final_sigmas_type": "sigma_min"}),
+    ("dpmpp_2m", {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "rescale_betas_zero_snr": True}),
+    ("ddim", {"timestep_spacing": "trailing"}),
+    ("euler", {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True}),
 ]
 
 
@@ -150,16 +186,24 @@ def _scheduler(name, extra, steps):
     return sch
 
 
-@needs_compiled
+@pytest.mark.parametrize("impl", ["reference", pytest.param("compiled", marks=needs_compiled)])
 @pytest.mark.parametrize("steps", [7, 16])
 @pytest.mark.parametrize("name,extra", SCHEDULER_CASES)
-def test_fused_steps_match_scheduler_step(name, extra, steps):
-    """Every step of a trajectory (guided and single steps mixed), from the same inputs."""
+def test_fused_steps_match_scheduler_step(name, extra, steps, impl):
+    """Every step of a trajectory (guided and single steps mixed), from the same inputs.
+
+    ``impl="reference"`` runs the fused rules' coefficients through the kernel's torch oracle, so
+    the plain-Python coefficient code is tested with or without the compiled library.
+    """
     ref_s = _scheduler(name, extra, steps)
     fused_s = copy.deepcopy(ref_s)
     weights = torch.tensor([7.5, 2.0, 5.0])
     ref = ReferenceStepper(ref_s, weights, [torch.Generator().manual_seed(i) for i in range(3)])
-    fused = make_stepper(fused_s, weights, [], torch.device("cpu"), torch.float32, "fused")
+    if impl == "compiled":
+        fused = make_stepper(fused_s, weights, [], torch.device("cpu"), torch.float32, "fused")
+    else:
+        assert fused_support(fused_s) is None
+        fused = FusedStepper(fused_s, weights, torch.device("cpu"), impl="reference")
     assert isinstance(fused, FusedStepper)
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(3, 4, 8, 8, generator=gen) * float(ref_s.init_noise_sigma)
@@ -208,7 +252,10 @@ def test_scheduler_step_can_take_over_a_fused_trajectory(name):
 @pytest.mark.parametrize("name,extra,reason", [
     ("pndm", {}, "PNDMScheduler has no fused update"),
     ("unipc", {}, "UniPCMultistepScheduler has no fused update"),
-    ("ddim", {"prediction_type": "v_prediction"}, "prediction_type='v_prediction'"),
+    ("ddim", {"prediction_type": "sample"}, "prediction_type='sample'"),
+    ("euler", {"prediction_type": "sample"}, "prediction_type='sample'"),
+    ("ddim", {"clip_sample": True}, "DDIMScheduler with thresholding or clip_sample"),
+    ("euler_a", {}, "EulerAncestralDiscreteScheduler has no fused update"),
     ("dpmpp_2m", {"solver_order": 3}, "solver_order=3"),
     ("dpmpp_2m", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, "algorithm_type='dpmsolver'"),
 ])
@@ -251,23 +298,25 @@ def test_self_check_refuses_coefficients_that_disagree_with_diffusers(monkeypatc
     """If a diffusers release changed a formula, the schedule would run the reference, not wrong maths."""
     from collections import OrderedDict
 
-    from cfgswitch import step_coefficients, steppers
+    from cfgswitch import steppers
     from cfgswitch.errors import BackendUnavailableError
+    from cfgswitch.fused import FUSED_RULES
 
     monkeypatch.setattr(steppers, "_PROBED", {})
     monkeypatch.setattr(steppers, "_PARAMS_CACHE", OrderedDict())
-    real = step_coefficients._ddim
+    rule = FUSED_RULES["DDIMScheduler"]
+    real = rule.coefficients
 
-    def drifted(s, timestep):
-        form, c = real(s, timestep)
+    def drifted(s, key):
+        form, c = real(s, key)
         return form, (c[0], c[1], c[2], c[3] * 1.001, c[4], c[5])
 
-    monkeypatch.setattr(step_coefficients, "_ddim", drifted)
+    monkeypatch.setattr(rule, "coefficients", drifted)
     sch = _scheduler("ddim", {}, 9)
     assert make_stepper(sch, torch.ones(1), [], torch.device("cpu"), torch.float32, "auto").kernel == "reference"
     with pytest.raises(BackendUnavailableError, match="no longer matches the fused coefficients"):
         make_stepper(sch, torch.ones(1), [], torch.device("cpu"), torch.float32, "fused")
-    monkeypatch.setattr(step_coefficients, "_ddim", real)
+    monkeypatch.setattr(rule, "coefficients", real)
     monkeypatch.setattr(steppers, "_PROBED", {})
     monkeypatch.setattr(steppers, "_PARAMS_CACHE", OrderedDict())
     assert make_stepper(sch, torch.ones(1), [], torch.device("cpu"), torch.float32, "auto").kernel == "fused"
@@ -294,6 +343,24 @@ assert torch.equal(res.latents, torch.full((1, 4), 0.75)), res.latents
 s = make_scheduler("ddim", SD_SCHEDULER_CONFIG)
 set_timesteps(s, 5, "cpu")
 assert make_stepper(s, torch.ones(1), [], torch.device("cpu"), torch.float32).kernel == "reference"
+# The fused rules are plain Python: their coefficients still follow scheduler.step (torch oracle).
+import copy
+from cfgswitch.steppers import FusedStepper
+for name in ("ddim", "euler", "dpmpp_2m"):
+    ref = make_scheduler(name, {**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+    set_timesteps(ref, 6, "cpu")
+    fused_s = copy.deepcopy(ref)
+    fused = FusedStepper(fused_s, torch.ones(1), torch.device("cpu"), impl="reference")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 4, 4, generator=gen) * float(ref.init_noise_sigma)
+    y = x.clone()
+    for t in ref.timesteps:
+        eps = torch.randn(1, 4, 4, 4, generator=gen)
+        ref.scale_model_input(x, t)
+        fused_s.scale_model_input(y, t)
+        x = ref.step(eps, t, x, return_dict=False)[0]
+        y = fused.step(eps, t, y)
+        assert torch.equal(x, y), (name, int(t))
 print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -118,6 +118,14 @@ def _serve_and_check(repo, work, ort_sampler, mixed_batch=True):
 
         if mixed_batch:
             _mixed_batch(server, ort_sampler)
+        # the step engine's counters as Triton custom metrics
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+        calls = [float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("cfgswitch_unet_calls_total{")]
+        rows = [float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("cfgswitch_unet_rows_total{")]
+        assert calls and calls[0] > 0 and rows[0] >= calls[0], text[-2000:]
+        assert any(ln.startswith("cfgswitch_queue_depth{") for ln in text.splitlines())
     finally:
         code = server.stop()
     assert code == 0, server.log_text()[-3000:]

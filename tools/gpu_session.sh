@@ -7,7 +7,9 @@
 #      (200 prompts, seed 2026, 30 DDIM steps) of each on CUDA through Sampler.from_diffusers;
 #   2. the C++/CUDA build (tools/dev_install.py --cuda) and tests/test_kernels_cuda.py;
 #   3. python -m cfgswitch.benchmarks.kernels_bench --device cuda;
-#   4. benchmarks/gpu_suite.py on SD 1.5 (eager, CUDA graphs, diffusers), then torch.compile.
+#   4. benchmarks/gpu_suite.py on SD 1.5 (eager, CUDA graphs, diffusers), then torch.compile;
+#   5. the torch runner modes test on CUDA, and TensorRT for RTX plans run on this GPU when installed;
+#   6. the step engine's GPU cell (python -m cfgswitch.benchmarks.engine_gpu).
 #
 # Usage, from the repository root, with diffusers' wheel (and importlib_metadata's) in .whl/:
 #   OUT=/some/folder bash tools/gpu_session.sh
@@ -106,4 +108,34 @@ if (( left > 100 )); then
   say "gpu_suite compile rc=$?"
   tar -czf "$OUT/gpu.tar.gz" -C "$W" gpu
 fi
+# ---------------------------------------------------------------- 5. torch runner modes, TensorRT for RTX (issue 13)
+# The runtime's own torch runners: mode="graphs" against eager on CUDA (tests/test_torch_modes.py). TensorRT for RTX
+# plans built on this GPU and run against ONNX Runtime when its wheel came along (.whl/; about 230 MB installed, so it
+# does not fit the 64 MiB a session carries: this step says so and skips).
+left=$((590 - (SECONDS - START)))
+if (( left > 40 )); then
+  timeout $((left > 120 ? 120 : left)) python3 -m pytest -q -p no:cacheprovider tests/test_torch_modes.py -rs \
+    >"$W/gpu/test_torch_modes.txt" 2>&1
+  say "test_torch_modes: $(tail -n 1 "$W/gpu/test_torch_modes.txt")"
+fi
+if python3 -c "import tensorrt_rtx" 2>/dev/null; then
+  left=$((595 - (SECONDS - START)))
+  (( left > 60 )) && timeout "$left" python3 -m pytest -q -p no:cacheprovider tests/test_tensorrt_rtx_build.py \
+    -k "run_and_match" -rs >"$W/gpu/test_rtx_runtime.txt" 2>&1
+  say "TensorRT for RTX on this GPU: $(tail -n 1 "$W/gpu/test_rtx_runtime.txt" 2>/dev/null)"
+else
+  say "TensorRT for RTX: not installed here (its wheel does not fit the carried tree): not run"
+fi
+# ---------------------------------------------------------------- 6. the step engine's GPU cell (issue 12)
+# The serving suite on an SD 1.5-size random UNet, fp16, one CUDA graph per row bucket: request-level batching,
+# the step engine on always and on switch:0.5, one request at a time, interleaved per offered rate.
+left=$((595 - (SECONDS - START)))
+if (( left > 90 )); then
+  timeout "$left" python3 -m cfgswitch.benchmarks.engine_gpu --out "$W/gpu/serving" --requests 32 \
+    --max-minutes $(( (left - 60) / 60 > 1 ? (left - 60) / 60 : 1 )) >"$W/gpu/serving.log" 2>&1
+  say "step engine GPU cell: $(grep -E 'engine_switch_over_request_batching|realized_over_ideal' "$W/gpu/serving.log" | tr '\n' ' ')"
+else
+  say "step engine GPU cell: no time left"
+fi
+tar -czf "$OUT/gpu.tar.gz" -C "$W" gpu
 say "done"

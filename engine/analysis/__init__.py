@@ -7,7 +7,10 @@ Experiments, each usable alone:
 - :func:`switch_sweep` (``switch_at(f)`` against always-CFG: distances, rows and time saved,
   scorer accuracies),
 - :func:`eos_experiments` ([EOS] versus semantic token swaps, and swaps from step k on),
-- :func:`recommend` (the earliest switch point within a :class:`Tolerance`),
+- :func:`recommend` (the earliest switch point within a :class:`Tolerance`) and
+  :func:`recommend_adaptive` (the model's adaptive threshold and minimum share of CFG steps);
+  import ``recommend`` from :mod:`cfgswitch.analysis.recommend`, since the package attribute
+  of that name is the submodule once it is loaded,
 
 and :func:`run_analysis` / ``cfgswitch analyze`` run them all and write ``analysis.json``,
 ``recommendation.json``, ``report.md`` and plots. See ``docs/analysis.md``.
@@ -27,6 +30,7 @@ _EXPORTS = {
     "eos_experiments": "eos",
     "compose": "eos",
     "recommend": "recommend",
+    "recommend_adaptive": "recommend",
     "Tolerance": "recommend",
     "split_frequencies": "frequency",
     "low_pass_mask": "frequency",

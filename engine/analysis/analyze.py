@@ -15,7 +15,7 @@ from ..schedulers import scheduler_class_name
 from .eos import DEFAULT_NO_EFFECT_TOLERANCE, K_MODES, default_k_grid, eos_experiments
 from .frequency import DEFAULT_CUTOFF, _check_cutoff
 from .probes import DEFAULT_SETTLE_TOLERANCE, trajectory_probes
-from .recommend import Tolerance, recommend
+from .recommend import Tolerance, recommend, recommend_adaptive, within_tolerance
 from .report import SCHEMA_VERSION, render_markdown, write_json
 from .scoring import PromptSet
 from .sweep import DEFAULT_FRACTIONS, switch_sweep
@@ -188,6 +188,13 @@ def run_analysis(
                 scorer=scorer, targets=None if scenes is None else _take(scenes, config.sweep_prompts),
                 batch_size=config.batch_size, progress=_PerPlan(bar, len(sweep_prompts)), **common)
             result["recommendation"] = recommend(result["sweep"], config.tolerance)
+            adaptive = recommend_adaptive(result.get("probes"), result["recommendation"])
+            if adaptive is not None:
+                bar.set_postfix_str("adaptive check")
+                adaptive.update(check_adaptive(sampler, adaptive["plan"], result["sweep"], config, scorer,
+                                               None if scenes is None else _take(scenes, config.sweep_prompts)))
+                result["recommendation"]["adaptive"] = adaptive
+                result["recommendation"]["adaptive_plan"] = adaptive["plan"]
             write_json(out / "recommendation.json", result["recommendation"])
             plots["fidelity and speed vs switch point"] = plot_sweep(result["sweep"], result["recommendation"], out / "sweep.png").name
             imgs = result["sweep"]["_images"]
@@ -217,6 +224,33 @@ def run_analysis(
     return result
 
 
+def check_adaptive(sampler, plan: str, sweep: Dict[str, Any], config: AnalysisConfig, scorer: Optional[Any],
+                   targets: Optional[List[Any]]) -> Dict[str, Any]:
+    """Generate the sweep's prompts and seeds with the adaptive ``plan``; its distances and savings against always-CFG."""
+    import numpy as np
+
+    from .metrics import image_distances
+
+    prompts, seeds = sweep["prompts"], sweep["seeds"]
+    images, rows, cfg = [], 0, 0
+    for start in range(0, len(prompts), config.batch_size):
+        out = sampler.generate(prompts[start : start + config.batch_size], plan=plan,
+                               seed=seeds[start : start + config.batch_size], steps=config.steps,
+                               guidance_scale=config.guidance_scale, scheduler=config.scheduler, output_type="np")
+        images.append(out.images)
+        rows += out.unet_rows
+        cfg += out.cfg_steps
+    imgs = np.concatenate(images)
+    d = image_distances(imgs, sweep["_images"]["always"], config.cutoff)
+    entry: Dict[str, Any] = {"lowfreq": float(d["lowfreq"].mean()), "psnr": float(d["psnr"].mean()),
+                             "unet_rows": rows, "rows_saved": 1.0 - rows / sweep["baseline"]["unet_rows"]}
+    if scorer is not None and targets is not None:
+        entry["accuracy"] = scorer.accuracy(imgs, targets)
+        entry["accuracy_drop_points"] = float(sweep["baseline"]["accuracy"]["mean"] - entry["accuracy"]["mean"])
+    entry["within_tolerance"] = within_tolerance(entry, sweep["baseline"], config.tolerance)
+    return entry
+
+
 def _take(items: List[Any], n: int) -> List[Any]:
     """The first ``n`` items, cycling when there are fewer."""
     if not items:
@@ -234,4 +268,4 @@ class _PerPlan:
         self.bar.update(k * self.n)
 
 
-__all__ = ["AnalysisConfig", "EXPERIMENTS", "model_info", "run_analysis"]
+__all__ = ["AnalysisConfig", "EXPERIMENTS", "check_adaptive", "model_info", "run_analysis"]

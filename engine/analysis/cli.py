@@ -12,21 +12,22 @@ logger = logging.getLogger(__name__)
 
 def add_parser(sub: "argparse._SubParsersAction") -> None:
     """Register ``analyze``."""
-    from ..schedulers import SCHEDULER_NAMES
+    from ..cli_options import add_sampling_options, add_threads_option
 
     p = sub.add_parser("analyze", help="trajectory probes, switch sweep, [EOS] swaps and a recommended switch point")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="diffusers folder (default: the embedded model)")
+    src.add_argument("--model", default=None, help="diffusers folder, or 'default' (default: the embedded model)")
     src.add_argument("--bundle", default=None, help="exported bundle folder (manifest.json)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default=None,
+    from ..backends.registry import backend_names
+
+    p.add_argument("--backend", choices=backend_names(), default=None,
                    help="backend (default: the best installed one for the model)")
     p.add_argument("--prompts", default=None, metavar="FILE", help="text file, one prompt per line (default: built-in set; "
                    "on the embedded model, held-out captions of the shapes world)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--scheduler", default="ddim", help=f"one of {', '.join(SCHEDULER_NAMES)}")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale w")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt (prompt i gets seed + i)")
-    p.add_argument("--out", default="analysis", help="output folder (default: ./analysis)")
+    add_sampling_options(p, plan=False)
+    p.add_argument("--out", default="analysis", help="output folder (default: ./analysis); the recommendation is also "
+                   "written into the model folder's cfgswitch.json unless --no-save")
+    p.add_argument("--no-save", action="store_true", help="do not write cfgswitch.json into the model folder or bundle")
     p.add_argument("--experiments", default="probes,sweep,eos", help="comma list of probes, sweep, eos")
     p.add_argument("--probe-prompts", type=int, default=16, help="prompts of the trajectory probes")
     p.add_argument("--sweep-prompts", type=int, default=16, help="prompts of the switch sweep")
@@ -45,8 +46,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per UNet batch")
     p.add_argument("--no-pixel-probes", action="store_true",
                    help="probes split the latent x0 only (no VAE decode per step; for large models)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)")
+    add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -133,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
             notes.append("the embedded shapes model is not installed: this run used the tiny random-weight default model")
 
     # 2. Load the model, then run.
+    from ..cli import route_library_logs
     from ..sampler import Sampler
+
+    route_library_logs()  # diffusers' load-time warnings to the DEBUG log
     from .analyze import run_analysis
 
     if args.threads is not None:
@@ -150,8 +153,30 @@ def run(args: argparse.Namespace) -> int:
     rec = result.get("recommendation")
     if rec is not None:
         logger.info("recommended plan: %s (UNet rows saved %.0f%%)", rec["plan"], 100 * rec["rows_saved"])
+        if rec.get("adaptive_plan"):
+            logger.info("recommended adaptive plan: %s", rec["adaptive_plan"])
+        if not args.no_save:
+            save_recommendations(path, rec)
     logger.info("report: %s", Path(args.out) / "report.md")
     return 0
+
+
+def save_recommendations(model_path: Path, rec: dict) -> Optional[Path]:
+    """Write both recommendations into the model folder's (or bundle's) ``cfgswitch.json``; ``None`` if it is read-only."""
+    from ..calibration import write_calibration
+
+    keys = ("fraction", "late", "switch_step", "rows_saved", "accuracy_drop_points", "lowfreq", "steps", "scheduler",
+            "guidance_scale", "tolerance", "scored")
+    evidence = {k: rec.get(k) for k in keys}
+    if rec.get("adaptive"):
+        evidence["adaptive"] = {k: v for k, v in rec["adaptive"].items() if k != "plan"}
+    try:
+        written = write_calibration(model_path, rec["plan"], rec.get("adaptive_plan"), evidence)
+    except OSError as e:
+        logger.warning("could not write the recommendations into %s (%s); they are in recommendation.json", model_path, e)
+        return None
+    logger.info("recommendations saved in %s (plan auto uses them)", written)
+    return written
 
 
 def _shapes_importable() -> bool:

@@ -8,6 +8,14 @@ The recommendation for a mode is the smallest ``f`` such that it and every large
 grid point does not count). Across modes the earliest wins; a tie goes to ``uncond``
 (the paper's mode, and the one whose late phase needs no prompt at all). When no ``f``
 below 1 qualifies, the plan is ``always``.
+
+Adaptive rule (:func:`recommend_adaptive`): the threshold is the probes' mean cosine of
+eps_cond and eps_uncond at the last guided step of the recommended switch plan (step
+``k - 1``), rounded down to 4 decimals, so a typical image ends CFG where the sweep showed
+it may, and an image whose predictions still differ keeps CFG longer. The plan also takes
+the switch plan's fraction as its minimum share of CFG steps (``min=``) and its late mode,
+so no threshold can end CFG earlier than the sweep validated. ``run_analysis`` then
+generates the sweep's prompts with it and records its measured fidelity and savings.
 """
 
 from __future__ import annotations
@@ -125,5 +133,35 @@ def recommend(sweep: Dict[str, Any], tolerance: Tolerance = Tolerance()) -> Dict
     }
 
 
-__all__ = ["DEFAULT_ACCURACY_POINTS", "DEFAULT_LOWFREQ_TOLERANCE", "Tolerance", "earliest_within", "recommend",
+def recommend_adaptive(probes: Optional[Dict[str, Any]], recommendation: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The recommended adaptive plan for a model, from its trajectory probes and switch recommendation.
+
+    Args:
+        probes (`dict`, optional): :func:`~cfgswitch.analysis.probes.trajectory_probes`'s result
+            (``per_step.cosine``: mean cosine per step); ``None`` gives ``None``.
+        recommendation (`dict`): :func:`recommend`'s result.
+
+    Returns:
+        ``None`` without probes, else a JSON-ready dict: ``plan`` (a plan string), ``threshold``,
+        ``min_fraction``, ``late``, ``from_step`` and ``rule``. When the switch recommendation is
+        ``always``, so is this one.
+    """
+    if not probes or "per_step" not in probes or not probes["per_step"].get("cosine"):
+        return None
+    rule = ("threshold = the probes' mean cosine(eps_cond, eps_uncond) at the last guided step of the recommended "
+            "switch plan, rounded down to 4 decimals; min = that plan's fraction; late = its late mode")
+    if recommendation["plan"] == "always":
+        return {"plan": "always", "threshold": None, "min_fraction": 1.0, "late": None, "from_step": None, "rule": rule}
+    cosines = probes["per_step"]["cosine"]
+    k = int(recommendation["switch_step"])
+    step = min(max(k - 1, 0), len(cosines) - 1)
+    threshold = math.floor(float(cosines[step]) * 1e4) / 1e4
+    threshold = max(-1.0, min(1.0, threshold))
+    late = recommendation.get("late") or "uncond"
+    plan = GuidancePlan.adaptive(threshold, late, float(recommendation["fraction"]))
+    return {"plan": str(plan), "threshold": threshold, "min_fraction": plan.min_fraction, "late": late,
+            "from_step": step, "rule": rule}
+
+
+__all__ = ["DEFAULT_ACCURACY_POINTS", "recommend_adaptive", "DEFAULT_LOWFREQ_TOLERANCE", "Tolerance", "earliest_within", "recommend",
            "within_tolerance"]

@@ -101,6 +101,16 @@ def answers(result: Dict[str, Any]) -> List[str]:
         else:
             out.append("- **Recommended switch point:** `always`: no switch fraction below 1 stayed within tolerance "
                        f"(low-frequency distance <= {rec['tolerance']['lowfreq']}).")
+        ad = rec.get("adaptive")
+        if ad and ad.get("plan") not in (None, "always"):
+            drop = ad.get("accuracy_drop_points")
+            acc_text = "" if drop is None else f", mean accuracy drop {drop:.1f} points"
+            out.append(
+                f"- **Recommended adaptive plan:** `{ad['plan']}`: threshold {ad['threshold']} (the mean cosine at step "
+                f"{ad['from_step']}, the last guided step of `{rec['plan']}`), at least {ad['min_fraction']:.0%} of the steps "
+                f"guided; on the sweep's prompts it saves {ad['rows_saved']:.0%} of UNet rows at low-frequency distance "
+                f"{ad['lowfreq']:.4f}{acc_text} ({'within' if ad['within_tolerance'] else 'outside'} tolerance)."
+            )
         alt = rec.get("earliest_per_criterion") or {}
         if alt:
             out.append("  One criterion at a time: " + "; ".join(

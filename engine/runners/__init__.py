@@ -4,6 +4,6 @@ A backend is chosen once, when the :class:`~cfgswitch.Sampler` is built; the
 loop never branches on it.
 """
 
-from .base import ModelSpec, Runners, TextEncoderRunner, UNetRunner, GuidedUNetRunner, VaeDecoderRunner
+from .base import GuidedUNetRunner, ModelSpec, PairedGuidedUNetRunner, Runners, TextEncoderRunner, UNetRunner, VaeDecoderRunner
 
-__all__ = ["GuidedUNetRunner", "ModelSpec", "Runners", "TextEncoderRunner", "UNetRunner", "VaeDecoderRunner"]
+__all__ = ["GuidedUNetRunner", "ModelSpec", "PairedGuidedUNetRunner", "Runners", "TextEncoderRunner", "UNetRunner", "VaeDecoderRunner"]

@@ -25,6 +25,9 @@ class ModelSpec:
         text_length (`int`): tokens per prompt (77).
         text_width (`int`): text-encoder hidden size (cross-attention dim).
         name (`str`): a display name of the model.
+        family (`str`, defaults to ``"sd1"``): the model family (:mod:`cfgswitch.families`).
+        added (`dict[str, int]`, optional): the family's added conditioning, name to width
+            (SDXL: ``{"text_embeds": 1280, "time_ids": 6}``); empty for SD 1.x/2.x.
     """
 
     latent_channels: int
@@ -34,6 +37,8 @@ class ModelSpec:
     text_length: int
     text_width: int
     name: str = "model"
+    family: str = "sd1"
+    added: Dict[str, int] = field(default_factory=dict, hash=False, compare=True)
 
     @property
     def default_size(self) -> int:
@@ -69,6 +74,18 @@ class GuidedUNetRunner(Protocol):
 
 
 @runtime_checkable
+class PairedGuidedUNetRunner(GuidedUNetRunner, Protocol):
+    """A CFG role that also returns both predictions, for the adaptive plan's cosine.
+
+    ``predict_pair(sample [B], timestep [B], encoder_hidden_states [2B] = [uncond; cond])``
+    returns ``[eps_uncond (B); eps_cond (B)]`` (2B rows), computed on the CFG role's own
+    engine or profile. The loop calls it when the runner has it.
+    """
+
+    def predict_pair(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class VaeDecoderRunner(Protocol):
     """Latents already divided by the scaling factor ``[B, 4, h, w]`` to images in [-1, 1] ``[B, 3, H, W]``."""
 
@@ -82,7 +99,7 @@ class Runners:
     Attributes:
         text_encoder: a :class:`TextEncoderRunner`.
         unet_cfg: a :class:`GuidedUNetRunner` (the ``cfg`` role).
-        unet: a :class:`UNetRunner` (the ``late`` role; also used for 2B rows by the adaptive plan).
+        unet: a :class:`UNetRunner` (the ``late`` role; the adaptive plan's mixed row sets once some images switched).
         vae_decoder: a :class:`VaeDecoderRunner`.
         backend (`str`): the backend's name as results report it.
         device (`torch.device`): where latents live.

@@ -3,14 +3,18 @@
 Inputs are bound by pointer straight from the caller's torch tensors (cast only when
 the graph's dtype differs), and outputs are bound to torch tensors allocated for the
 result, so no numpy round trip and no ONNX Runtime allocation happens per step.
-Results are float32 CPU tensors (an fp16 bundle is cast at this boundary, so the loop
-keeps its latents in float32). Execution providers are the user's choice, CPU by default.
+Results are float32 tensors on the provider's device (an fp16 bundle is cast at this
+boundary, so the loop keeps its latents in float32): the CPU, or with the CUDA or TensorRT
+provider the GPU, where inputs and outputs are bound directly (no host round trip per step).
+Execution providers and their options are the user's choice, CPU by default.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -73,6 +77,46 @@ def check_providers(providers: Union[None, ProviderArg, Sequence[ProviderArg]], 
     return out
 
 
+#: Providers that compute on a CUDA device (inputs and outputs are then bound there, not on the host).
+_CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def cache_folder() -> Path:
+    """The cfgswitch cache folder: ``$CFGSWITCH_CACHE``, else ``~/.cache/cfgswitch``."""
+    return Path(os.environ.get("CFGSWITCH_CACHE", Path.home() / ".cache" / "cfgswitch"))
+
+
+def with_provider_defaults(chosen: Sequence[ProviderArg], bundle_name: str = "bundle") -> List[ProviderArg]:
+    """``chosen`` with cfgswitch's defaults added to each provider's options (the user's options win).
+
+    The TensorRT provider keeps its engine and timing caches in the cfgswitch cache folder
+    (``ort-tensorrt/<bundle>``), so it does not rebuild its engines at every start.
+    """
+    out: List[ProviderArg] = []
+    for item in chosen:
+        name, opts = (item if isinstance(item, tuple) else (item, {}))
+        if name == "TensorrtExecutionProvider":
+            cache = str(cache_folder() / "ort-tensorrt" / bundle_name)
+            opts = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache, "trt_timing_cache_enable": "True",
+                    "trt_timing_cache_path": cache, **opts}
+        out.append((name, dict(opts)) if opts or isinstance(item, tuple) else name)
+    return out
+
+
+def binding_device(chosen: Sequence[ProviderArg]) -> torch.device:
+    """Where inputs and outputs are bound: the CUDA device of a CUDA or TensorRT provider first in ``chosen``
+    (its ``device_id`` option, default 0), else the CPU."""
+    first = chosen[0] if chosen else "CPUExecutionProvider"
+    name, opts = (first if isinstance(first, tuple) else (first, {}))
+    if name in _CUDA_PROVIDERS:
+        device_id = opts.get("device_id", 0)
+        try:
+            return torch.device("cuda", int(device_id))
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"providers[{name}].device_id", "a CUDA device index", device_id) from None
+    return torch.device("cpu")
+
+
 def _numpy_dtype(name: str):
     import numpy as np
 
@@ -87,12 +131,17 @@ class OrtGraph:
         spec (`GraphSpec`): the graph's interface (from :mod:`cfgswitch.io_specs`).
         model_dtype (`str`): the bundle's export dtype.
         factor (`int`): the VAE factor (to size the decoder's output).
+        device (`torch.device`, defaults to the CPU): where inputs and outputs are bound (the
+            provider's device: a CUDA provider reads and writes GPU memory, with no host copy).
     """
 
-    def __init__(self, session, spec: GraphSpec, model_dtype: str, factor: int) -> None:
+    def __init__(self, session, spec: GraphSpec, model_dtype: str, factor: int,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.session = session
         self.spec = spec
         self.factor = factor
+        self.device = device
+        self._where = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
         self.in_dtypes = [t.resolved_dtype(model_dtype) for t in spec.inputs]
         self.out_dtypes = [t.resolved_dtype(model_dtype) for t in spec.outputs]
 
@@ -109,20 +158,27 @@ class OrtGraph:
         return env
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
-        """Run the graph on CPU torch tensors (cast and made contiguous as needed); returns its output."""
+        """Run the graph on torch tensors (moved to the binding device, cast and made contiguous as needed);
+        returns its output as float32 on that device."""
         env = self._env(tensors)
         b = self.session.io_binding()  # per call: cheap, and concurrent callers (serving threads) stay apart
+        kind, index = self._where
         keep = []
         for t, x, dt in zip(self.spec.inputs, tensors, self.in_dtypes):
-            x = x.detach().to(device="cpu", dtype=_TORCH[dt]).contiguous()
+            x = x.detach().to(device=self.device, dtype=_TORCH[dt]).contiguous()
             keep.append(x)  # alive until the run below returns
-            b.bind_input(t.name, "cpu", 0, _numpy_dtype(dt), tuple(x.shape), x.data_ptr())
+            b.bind_input(t.name, kind, index, _numpy_dtype(dt), tuple(x.shape), x.data_ptr())
         outs = []
         for t, dt in zip(self.spec.outputs, self.out_dtypes):
-            y = torch.empty(resolve_shape(t.shape, env), dtype=_TORCH[dt])
+            y = torch.empty(resolve_shape(t.shape, env), dtype=_TORCH[dt], device=self.device)
             outs.append(y)
-            b.bind_output(t.name, "cpu", 0, _numpy_dtype(dt), tuple(y.shape), y.data_ptr())
+            b.bind_output(t.name, kind, index, _numpy_dtype(dt), tuple(y.shape), y.data_ptr())
+        if kind == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready for ORT's stream
+            b.synchronize_inputs()
         self.session.run_with_iobinding(b)
+        if kind == "cuda":
+            b.synchronize_outputs()
         y = outs[0]
         return y if y.dtype == torch.float32 else y.float()
 
@@ -134,7 +190,10 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
     Args:
         bundle (`Bundle`): a bundle read by :func:`cfgswitch.bundle.read_manifest`.
         providers (`str` or `list`, optional): execution providers in priority order (names or
-            ``(name, options)`` pairs); ``None`` is ``["CPUExecutionProvider"]``.
+            ``(name, options)`` pairs, the options passed to ONNX Runtime); ``None`` is
+            ``["CPUExecutionProvider"]``. With a CUDA or TensorRT provider first, tensors are bound
+            on its device (``device_id``) and latents stay there; the TensorRT provider's engine
+            cache defaults to the cfgswitch cache folder (see :func:`with_provider_defaults`).
         threads (`int`, optional): intra-op threads per session (ONNX Runtime's default when ``None``).
         verify_files (`bool`, defaults to True): check each graph's size and sha256 against the manifest.
 
@@ -155,10 +214,14 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
     if threads is not None:
         opts.intra_op_num_threads = threads
     dims = bundle.dims
+    chosen = with_provider_defaults(chosen, bundle.path.name)
+    device = binding_device(chosen)
+    names = [c[0] if isinstance(c, tuple) else c for c in chosen]
     graphs: Dict[str, OrtGraph] = {}
     for name in GRAPH_NAMES:
-        sess = ort.InferenceSession(str(bundle.graph_path(name)), opts, providers=chosen)
-        graphs[name] = OrtGraph(sess, graph_spec(name, dims), bundle.dtype, dims.vae_scale_factor)
+        sess = ort.InferenceSession(str(bundle.graph_path(name)), opts, providers=names,
+                                    provider_options=[c[1] if isinstance(c, tuple) else {} for c in chosen])
+        graphs[name] = OrtGraph(sess, graph_spec(name, dims), bundle.dtype, dims.vae_scale_factor, device)
     used = graphs["unet"].session.get_providers()
     logger.info("onnxruntime %s: providers %s, %s threads", ort.__version__, ", ".join(used), threads or "default")
 
@@ -167,11 +230,11 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
 
     return Runners(
         text_encoder=GraphTextEncoder(graphs["text_encoder"]),
-        unet_cfg=GraphGuidedUNet(graphs["unet_cfg"]),
+        unet_cfg=GraphGuidedUNet(graphs["unet_cfg"], pair_graph=graphs["unet"]),  # ORT: any row count
         unet=GraphUNet(graphs["unet"]),
         vae_decoder=GraphVaeDecoder(graphs["vae_decoder"]),
         backend="onnxruntime",
-        device=torch.device("cpu"),
+        device=device,
         dtype=torch.float32,
         info={"bundle": str(bundle.path), "bundle_dtype": bundle.dtype, "providers": used,
               "threads": threads, "onnxruntime": ort.__version__},
@@ -179,4 +242,5 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
     )
 
 
-__all__ = ["OrtGraph", "check_providers", "import_onnxruntime", "onnxruntime_runners"]
+__all__ = ["OrtGraph", "binding_device", "cache_folder", "check_providers", "import_onnxruntime", "onnxruntime_runners",
+           "with_provider_defaults"]

@@ -8,8 +8,11 @@ Two paths, one request format (see ``docs/serving.md``):
   repository for a bundle (TensorRT plans plus a Python-backend pipeline model, or the
   pipeline running the bundle on ONNX Runtime in-process).
 
-:mod:`cfgswitch.serving.protocol` holds the tensors of the model, :mod:`cfgswitch.serving.batching`
-parses requests and runs them grouped, :mod:`cfgswitch.serving.client` is the client.
+:mod:`cfgswitch.serving.protocol` holds the tensors of the model, :mod:`cfgswitch.serving.limits`
+what a request may ask, :mod:`cfgswitch.serving.admission` checks one request (and words the
+error its client sees), :mod:`cfgswitch.serving.batching` parses requests and runs them grouped,
+:mod:`cfgswitch.serving.merger` merges admitted requests and drains, :mod:`cfgswitch.serving.client`
+is the client.
 Nothing here is imported by ``import cfgswitch``.
 """
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import CfgSwitchError, InvalidArgumentError
+from ..calibration import AUTO_PLAN
 from ..plans import GuidancePlan
 from ..schedulers import scheduler_class_name
 from ..validation import MAX_SEED, check_size
@@ -129,6 +130,8 @@ def parse_request(data: Mapping[str, Any], *, limits: ServeLimits, default_size:
         InvalidArgumentError: an input is missing, of the wrong dtype or shape, or out of range;
             the message names the input.
     """
+    if limits.max_image_side is None:  # the model's native side times the operator's factor
+        limits = limits.for_model(default_size, limits.max_prompt_tokens or 1)
     unknown = sorted(set(data) - _KNOWN)
     if unknown:
         raise InvalidArgumentError("inputs", f"only {', '.join(sorted(_KNOWN))}", unknown)
@@ -152,7 +155,9 @@ def parse_request(data: Mapping[str, Any], *, limits: ServeLimits, default_size:
         guidance = float(get("guidance_scale", 7.5))
         if not math.isfinite(guidance) or guidance < 0:
             raise InvalidArgumentError("guidance_scale" + sfx, "a finite number >= 0", guidance)
-        plan = str(GuidancePlan.parse(_text("plan" + sfx, get("plan", limits.default_plan.encode()), limits)))
+        plan_text = _text("plan" + sfx, get("plan", limits.default_plan.encode()), limits)
+        # "auto": the model's own recommendation, resolved where the request runs (generate / the engine)
+        plan = AUTO_PLAN if plan_text.strip().lower() == AUTO_PLAN else str(GuidancePlan.parse(plan_text))
         scheduler = _text("scheduler" + sfx, get("scheduler", b"ddim"), limits).strip().lower()
         scheduler_class_name(scheduler)
         side = " (the server's --max-image-side)"
@@ -230,23 +235,42 @@ def group_jobs(parsed: Sequence[Sequence[ImageJob]], max_batch: int,
     return out
 
 
-def run_batch(sampler: Any, parsed: Sequence[Sequence[ImageJob]], max_batch: int) -> List[Dict[str, np.ndarray]]:
-    """Generate every image of a parsed batch and return one output dict per request.
+def run_batch(sampler: Any, parsed: Sequence[Sequence[ImageJob]], max_batch: int) -> List[Any]:
+    """Generate every image of a parsed batch and return one answer per request.
 
-    Each group runs as one ``sampler.generate`` call with per-image seeds.
+    Each group runs as one ``sampler.generate`` call with per-image seeds. A group that fails
+    fails only its own requests: their answer is the exception (a typed error as raised, any
+    other error logged with its traceback and replaced by a :class:`RequestError`); the other
+    requests get their output dict.
     """
     from ..output import to_uint8
 
     results: List[Dict[str, Any]] = [
         {"image": [None] * len(jobs), "cfg_steps": [0] * len(jobs), "late_steps": [0] * len(jobs)} for jobs in parsed
     ]
+    failed: Dict[int, Exception] = {}
     for key, members in group_jobs(parsed, max_batch, sampler.runners.check_request):
+        members = [m for m in members if m[0] not in failed]
+        if not members:
+            continue
         jobs = [m[2] for m in members]
-        out = sampler.generate(
-            [j.prompt for j in jobs], [j.negative_prompt for j in jobs], steps=key.steps,
-            guidance_scale=key.guidance_scale, scheduler=key.scheduler, plan=key.plan, seed=[j.seed for j in jobs],
-            height=key.height, width=key.width, output_type="np",
-        )
+        try:
+            out = sampler.generate(
+                [j.prompt for j in jobs], [j.negative_prompt for j in jobs], steps=key.steps,
+                guidance_scale=key.guidance_scale, scheduler=key.scheduler, plan=key.plan, seed=[j.seed for j in jobs],
+                height=key.height, width=key.width, output_type="np",
+                max_image_side=max(key.height, key.width),  # checked against the server's own limit already
+            )
+        except CfgSwitchError as e:
+            for r, _, _ in members:
+                failed[r] = e
+            continue
+        except Exception as e:  # noqa: BLE001 - a bug must not take the other groups' requests down with it
+            logger.exception("group %s failed", key)
+            err = RequestError(f"generation failed ({type(e).__name__}); the server log has the details")
+            for r, _, _ in members:
+                failed[r] = err
+            continue
         images = to_uint8(out.images)
         logger.debug("group of %d image(s): %s", len(jobs), key)
         for (r, row, _), image in zip(members, images):
@@ -254,12 +278,12 @@ def run_batch(sampler: Any, parsed: Sequence[Sequence[ImageJob]], max_batch: int
             results[r]["cfg_steps"][row] = out.cfg_steps
             results[r]["late_steps"][row] = out.late_steps
     return [
-        {
+        failed[r] if r in failed else {
             "image": np.stack(res["image"]).astype(np.uint8),
             "cfg_steps": np.asarray(res["cfg_steps"], dtype=np.int32).reshape(-1, 1),
             "late_steps": np.asarray(res["late_steps"], dtype=np.int32).reshape(-1, 1),
         }
-        for res in results
+        for r, res in enumerate(results)
     ]
 
 

@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -28,20 +29,34 @@ class ServingError(CfgSwitchError):
     """The server answered a request with an error.
 
     The message is the server's reason (the last ``...Error: ...`` line of what Triton
-    sent); :attr:`details` keeps the whole text.
+    sent, with the wrappers of Triton's Python backend peeled off); :attr:`details` keeps
+    the whole text and :attr:`request_id` the id the server logged it under (or ``None``).
     """
 
     def __init__(self, details: str) -> None:
         self.details = details
-        super().__init__(error_reason(details))
+        reason = error_reason(details)
+        found = re.search(r"\(request id ([0-9a-f]+)\)\s*$", reason)
+        self.request_id: Optional[str] = found.group(1) if found else None
+        super().__init__(reason)
+
+
+def _typed_head(head: str) -> bool:
+    return bool(head) and " " not in head and head.split(".")[-1].endswith(("Error", "Exception"))
 
 
 def error_reason(text: str) -> str:
-    """The one-line reason in a Triton error message (Python-backend errors carry a traceback)."""
+    """The one-line reason in a Triton error message (PyTriton's proxy wraps it in a short traceback)."""
     lines = [ln.strip() for ln in str(text).replace("\\n", "\n").splitlines() if ln.strip()]
     for ln in reversed(lines):
         head, sep, rest = ln.partition(": ")
-        if sep and head.split(".")[-1].endswith(("Error", "Exception")) and " " not in head:
+        if sep and _typed_head(head):
+            # "c_python_backend_utils.TritonModelException: InvalidArgumentError: steps: ..." -> the inner one
+            while True:
+                inner, sep2, more = rest.partition(": ")
+                if not (sep2 and _typed_head(inner) and head.split(".")[-1] in ("TritonModelException", "TritonError")):
+                    break
+                head, rest = inner, more
             return f"{head.split('.')[-1]}: {rest}"
     return lines[-1] if lines else str(text)
 

@@ -41,10 +41,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise InvalidArgumentError("--out", "a .png, .jpg or .webp file name", args.out)
-    with ServingClient(args.url, protocol=args.protocol, model=args.model or MODEL_NAME, timeout_s=args.timeout) as client:
-        result = client.generate(args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
-                                 guidance_scale=args.guidance, plan=args.plan, scheduler=args.scheduler,
-                                 height=args.height, width=args.width)
+    try:
+        with ServingClient(args.url, protocol=args.protocol, model=args.model or MODEL_NAME, timeout_s=args.timeout) as client:
+            result = client.generate(args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
+                                     guidance_scale=args.guidance, plan=args.plan, scheduler=args.scheduler,
+                                     height=args.height, width=args.width)
+    except OSError as e:  # no server there (connection refused, unreachable host, timeout): one line, exit 2
+        reason = e.strerror or type(e).__name__
+        raise InvalidArgumentError("--url", f"HOST:PORT of a running cfgswitch server ({args.protocol})",
+                                   f"{args.url} ({reason.lower()})") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(result.image).save(out)
     logger.info("%s: %dx%d, %d CFG steps, %d late steps", out, result.image.shape[1], result.image.shape[0],

@@ -33,7 +33,7 @@ class TritonPythonModel:
         from cfgswitch.serving.pipeline_backend import PipelineBackend
 
         self.pb_utils = pb_utils
-        self.backend = PipelineBackend.from_parameters(Path(__file__).resolve().parent, params, config)
+        self.backend = PipelineBackend.from_parameters(Path(__file__).resolve().parent, params, config, pb_utils=pb_utils)
 
     def execute(self, requests):
         return self.backend.execute(requests, self.pb_utils)

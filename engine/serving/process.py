@@ -55,6 +55,27 @@ def session_processes(sid: int) -> List[int]:
     return pids
 
 
+def descendants(pid: int) -> List[int]:
+    """PIDs of every live process below ``pid`` (children, their children, ...; Linux ``/proc``)."""
+    parents: dict = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if fields[0] != "Z":
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 class ServerProcess:
     """A server started as a child process in a new session.
 
@@ -198,4 +219,4 @@ def start_tritonserver(repository: Path, workdir: Optional[Path] = None, host: s
                          env=child_env(server_env(list(extra_pythonpath))))
 
 
-__all__ = ["ServerProcess", "child_env", "free_ports", "prepare_backends", "session_processes", "start_serve", "start_tritonserver"]
+__all__ = ["ServerProcess", "child_env", "descendants", "free_ports", "prepare_backends", "session_processes", "start_serve", "start_tritonserver"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..bundle import Bundle, read_manifest, verify_graphs
+from ..bundle import Bundle, bundle_file, read_manifest, verify_graphs
 from ..errors import BundleError, InvalidArgumentError
 from ..io_specs import GRAPH_NAMES, LAYOUTS
 from . import model_config as mcfg
@@ -54,6 +54,9 @@ class RepoOptions:
         instances (`int`): pipeline model instances.
         python_paths (`list[str]`): site folders the Python models add before importing cfgswitch.
         threads (`int`, optional): ONNX Runtime intra-op threads per session.
+        batching (`str`, defaults to ``"step"``): how the pipeline model runs the requests of one
+            Triton batch: ``step`` through the step engine (they share UNet calls step by step,
+            each answered with its own error), ``request`` merged whole (the earlier path).
     """
 
     engines: str = "onnxruntime"
@@ -63,6 +66,7 @@ class RepoOptions:
     instances: int = 1
     python_paths: Sequence[str] = ()
     threads: Optional[int] = None
+    batching: str = "step"
 
 
 def engine_model_names(layout: str) -> Dict[str, str]:
@@ -100,7 +104,7 @@ def _plan_file(bundle: Bundle, layout: str, plan: str) -> Path:
     entry = (bundle.engines(layout).get("plans") or {}).get(plan)
     if not entry or not entry.get("file"):
         raise BundleError(f"bundle {bundle.path}: the {layout!r} engines record no plan {plan!r} (rebuild: cfgswitch build)")
-    path = bundle.path / entry["file"]
+    path = bundle_file(bundle.path, entry["file"], f"engines.{layout}.plans.{plan}.file")
     if not path.is_file():
         raise BundleError(f"bundle {bundle.path}: plan file {entry['file']} is missing (rebuild: cfgswitch build)")
     return path
@@ -126,22 +130,39 @@ def _engine_config(bundle: Bundle, model: str, graph: str, *, platform: Optional
     return cfg
 
 
-def _copy_bundle_subset(bundle: Bundle, dst: Path, with_graphs: bool) -> None:
-    """Copy the bundle (``with_graphs``) or only what the pipeline itself reads (manifest, tokenizer, scheduler)."""
+def _destination(out: Path, path: Path) -> Path:
+    """``path``, refused unless it resolves inside the repository folder ``out`` (checked before every write)."""
+    base = out.resolve()
+    target = path.resolve()
+    if target != base and base not in target.parents:
+        raise BundleError(f"triton-repo: refusing to write {path}: it resolves outside --out {out} "
+                          "(a crafted manifest path?)")
+    return path
+
+
+def _copy_file(src: Path, dst: Path, out: Path) -> None:
+    _destination(out, dst.parent).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, _destination(out, dst))
+
+
+def _copy_bundle_subset(bundle: Bundle, dst: Path, with_graphs: bool, out: Path) -> None:
+    """Copy the bundle (``with_graphs``) or only what the pipeline itself reads (manifest, tokenizer, scheduler).
+
+    Every file is one the manifest names and that :func:`~cfgswitch.bundle.read_manifest` found
+    inside the bundle; each destination is checked to lie inside ``out`` before it is written.
+    """
+    files = set()
     if with_graphs:
-        files = {bundle.graph_entry(n)["file"] for n in GRAPH_NAMES}
-        files |= {bundle.graph_entry(n)["external_data"]["file"] for n in GRAPH_NAMES if bundle.graph_entry(n).get("external_data")}
-    else:
-        files = set()
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(bundle.path / "manifest.json", dst / "manifest.json")
-    for rel in files:
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(bundle.path / rel, dst / rel)
-    shutil.copytree(bundle.path / bundle.manifest["tokenizer"], dst / bundle.manifest["tokenizer"], dirs_exist_ok=True)
-    sched = Path(bundle.manifest["scheduler_config"])
-    (dst / sched).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(bundle.path / sched, dst / sched)
+        for n in GRAPH_NAMES:
+            entry = bundle.graph_entry(n)
+            files.add(entry["file"])
+            if entry.get("external_data"):
+                files.add(entry["external_data"]["file"])
+    bundle.scheduler_config()  # checks its sha256
+    files |= set(bundle.tokenizer_files()) | {bundle.manifest["scheduler_config"]}
+    _copy_file(bundle.path / "manifest.json", dst / "manifest.json", out)
+    for rel in sorted(files):
+        _copy_file(bundle_file(bundle.path, rel, rel), dst / rel, out)
 
 
 def write_repository(bundle_path: "str | Path", out: "str | Path", options: RepoOptions = RepoOptions(),
@@ -175,17 +196,20 @@ def write_repository(bundle_path: "str | Path", out: "str | Path", options: Repo
     # Engine models (tensorrt, onnxruntime-bls).
     if options.engines != "onnxruntime":
         for model, graph in _graph_of_model(layout).items():
-            version = out / model / "1"
+            version = _destination(out, out / model / "1")
             version.mkdir(parents=True)
             if tensorrt:
-                shutil.copy2(_plan_file(bundle, layout, graph), version / "model.plan")
+                _copy_file(_plan_file(bundle, layout, graph), version / "model.plan", out)
+                # One context per listed profile: ON_PROFILE_CHANGE sizes each for its own profile, not the largest.
                 cfg = _engine_config(bundle, model, graph, platform="tensorrt_plan", backend=None, kind="KIND_GPU",
-                                     profiles=_profile_count(bundle, layout, graph))
+                                     profiles=_profile_count(bundle, layout, graph),
+                                     params={"execution_context_allocation_strategy": "ON_PROFILE_CHANGE"})
             else:
-                shutil.copy2(bundle.graph_path(graph), version / "model.onnx")
+                _copy_file(bundle.graph_path(graph), version / "model.onnx", out)
                 ext = bundle.graph_entry(graph).get("external_data")
                 if ext:
-                    shutil.copy2(bundle.path / ext["file"], version / Path(ext["file"]).name)
+                    _copy_file(bundle_file(bundle.path, ext["file"], f"graphs.{graph}.external_data.file"),
+                               version / Path(ext["file"]).name, out)
                 shutil.copy2(_HERE / "graph_model.py", version / "model.py")
                 params = {"python_paths": paths}
                 if options.threads:
@@ -198,13 +222,13 @@ def write_repository(bundle_path: "str | Path", out: "str | Path", options: Repo
     version = out / PIPELINE_MODEL_NAME / "1"
     version.mkdir(parents=True)
     shutil.copy2(_HERE / "pipeline_model.py", version / "model.py")
-    _copy_bundle_subset(bundle, version / "bundle", with_graphs=options.engines == "onnxruntime")
+    _copy_bundle_subset(bundle, version / "bundle", with_graphs=options.engines == "onnxruntime", out=out)
     cfg = mcfg.new_config(PIPELINE_MODEL_NAME, backend="python", max_batch_size=options.limits.max_batch)
     mcfg.add_protocol(cfg, INPUTS, OUTPUTS)
     cfg.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
     mcfg.add_instances(cfg, "KIND_CPU", options.instances)
     params = {"engines": options.engines, "bundle": "bundle", "limits": json.dumps(options.limits.to_json()),
-              "python_paths": paths, "layout": layout}
+              "python_paths": paths, "layout": layout, "batching": options.batching}
     if options.engines != "onnxruntime":
         params["models"] = json.dumps(engine_model_names(layout))
         params["exact_batch"] = "1" if tensorrt and bundle.engines(layout).get("static") else "0"

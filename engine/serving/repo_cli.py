@@ -29,10 +29,17 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--instances", type=int, default=1, help="pipeline model instances (default 1)")
     p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--default-steps", type=int, default=30)
-    p.add_argument("--max-image-side", type=int, default=1024)
+    p.add_argument("--max-image-side", type=int, default=None,
+                   help="largest height/width (default: the model's native side times --image-side-factor)")
+    p.add_argument("--image-side-factor", type=int, default=2, help="see --max-image-side (default 2)")
     p.add_argument("--max-prompt-bytes", type=int, default=2048)
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt in CLIP tokens (default: the model's text length, 77)")
     p.add_argument("--default-plan", default="switch:0.5")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per session (default: its own)")
+    p.add_argument("--batching", default="step", choices=("step", "request"),
+                   help="step: the requests of a Triton batch run through the step engine (default); "
+                        "request: merged whole, by settings")
     p.add_argument("--python-path", action="append", default=None, metavar="DIR",
                    help="folder the Python models add to sys.path (site-packages with cfgswitch); repeatable. Default: "
                    "this interpreter's site-packages. 'none': cfgswitch is installed where the server's Python finds it")
@@ -55,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     GuidancePlan.parse(args.default_plan)
     limits = ServeLimits(max_steps=args.max_steps, max_batch=args.max_batch, max_image_side=args.max_image_side,
                          max_prompt_bytes=args.max_prompt_bytes, default_steps=args.default_steps,
-                         default_plan=args.default_plan)
+                         default_plan=args.default_plan, image_side_factor=args.image_side_factor,
+                         max_prompt_tokens=args.max_prompt_tokens)
     if args.threads is not None and args.threads < 1:
         raise InvalidArgumentError("--threads", "an integer >= 1", args.threads)
     if args.serve and args.engines == "tensorrt":
@@ -68,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         paths = list(args.python_path)
     options = RepoOptions(engines=args.engines, layout=args.layout, limits=limits, max_queue_delay_us=args.max_queue_delay_us,
-                          instances=args.instances, python_paths=paths, threads=args.threads)
+                          instances=args.instances, python_paths=paths, threads=args.threads, batching=args.batching)
     written = write_repository(args.bundle, args.out, options, overwrite=args.overwrite)
     check_repository(args.out)
     for name, path in sorted(written.items()):

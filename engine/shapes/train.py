@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 from ..tiny_model import SD_SCHEDULER_CONFIG
 from ..tokenizer import load_clip_tokenizer
 from .captions import sample_captioned
-from .world import IMAGE_SIZE, render_batch
+from .train_data import RenderedImages, unet_batches, unet_step_count, used_indices, vae_batches
+from .train_data import sample_timesteps  # noqa: F401 - the recipe's timestep rule, imported from here too
+from .world import IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +136,6 @@ def loss_weights(alphas_cumprod: torch.Tensor, cap: float) -> torch.Tensor:
     return (w / w.mean()).float()
 
 
-def sample_timesteps(count: int, power: float, generator: torch.Generator) -> torch.Tensor:
-    """``count`` training timesteps in [0, 999]: ``floor(1000 * u**power)``, uniform at ``power`` 1."""
-    if power == 1.0:
-        return torch.randint(0, 1000, (count,), generator=generator)
-    u = torch.rand(count, generator=generator, dtype=torch.float64)
-    return (1000 * u.pow(power)).long().clamp_(0, 999)
-
-
 class _Ema:
     def __init__(self, modules: Sequence[torch.nn.Module], decay: float):
         self.decay = decay
@@ -202,7 +196,14 @@ class Trainer:
         self.vae, self.text_encoder, self.unet = (m.to(self.device) for m in build_models(cfg))
         pairs = sample_captioned(cfg.seed, cfg.train_images)
         self.scenes = [p[0] for p in pairs]
-        images = (torch.from_numpy(render_batch(self.scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(self.device)
+        # Render (and later encode) only the images the two phases will draw: all of them in a full
+        # run, a few in a short one (train_data replays the training loops' own generators).
+        self.latent_shape = (int(self.vae.config.latent_channels), IMAGE_SIZE // cfg.latent_factor(), IMAGE_SIZE // cfg.latent_factor())
+        vae_used, self.unet_used = used_indices(cfg, self.latent_shape)
+        images = RenderedImages(self.scenes, sorted(set(vae_used) | set(self.unet_used)), self.device)
+        self.rendered_images = len(images)
+        self.log(phase="data", rendered=len(images), encoded=len(self.unet_used), train_images=cfg.train_images)
+        logger.info("rendered %d of %d training images (the images the run's steps draw)", len(images), cfg.train_images)
         self.ids = tokenize([p[1] for p in pairs]).to(self.device)
         self.empty_ids = tokenize([""])[0].to(self.device)
         self.train_vae(images)
@@ -211,21 +212,18 @@ class Trainer:
         self.train_unet()
         return self.out / "model"
 
-    def train_vae(self, images: torch.Tensor) -> None:
-        """Phase 1: the autoencoder on random crops of ``images`` ([N, 3, 64, 64] in [-1, 1])."""
+    def train_vae(self, images: RenderedImages) -> None:
+        """Phase 1: the autoencoder on random crops of ``images`` ([3, 64, 64] each, in [-1, 1])."""
         cfg, vae = self.cfg, self.vae
-        gen = torch.Generator().manual_seed(cfg.seed + 10)
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, max(1, cfg.vae_steps // 5)), cfg.vae_steps))
         vae.train()
         bar = tqdm(range(cfg.vae_steps), desc="autoencoder", disable=not self.progress, mininterval=5)
         running = None
-        for step in bar:
-            idx = torch.randint(0, images.shape[0], (cfg.vae_batch,), generator=gen)
-            x = images[idx.to(self.device)]
-            if cfg.vae_crop and cfg.vae_crop < IMAGE_SIZE:
-                f = cfg.latent_factor()
-                oy, ox = (torch.randint(0, (IMAGE_SIZE - cfg.vae_crop) // f + 1, (2,), generator=gen) * f).tolist()
+        for step, (idx, corner) in zip(bar, vae_batches(cfg, cfg.vae_steps)):
+            x = images[idx]
+            if corner is not None:
+                oy, ox = corner
                 x = x[:, :, oy : oy + cfg.vae_crop, ox : ox + cfg.vae_crop]
             post = vae.encode(x).latent_dist
             z = post.mean  # decoded from the mean: the small KL term only keeps the latents tame
@@ -246,18 +244,28 @@ class Trainer:
         vae.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def encode_latents(self, images: torch.Tensor) -> None:
-        """Encode every image once; set the VAE scaling factor to 1/std of the latents."""
+    def encode_latents(self, images: RenderedImages) -> None:
+        """Encode each image the UNet phase draws once; set the VAE scaling factor to 1/std of those latents."""
+        used = torch.tensor(self.unet_used, dtype=torch.long)
+        pixels = images[used] if len(used) else images.images[:0]
         means, stds = [], []
-        for i in tqdm(range(0, images.shape[0], 256), desc="encode", disable=not self.progress, mininterval=5):
-            post = self.vae.encode(images[i : i + 256]).latent_dist
+        for i in tqdm(range(0, pixels.shape[0], 256), desc="encode", disable=not self.progress, mininterval=5):
+            post = self.vae.encode(pixels[i : i + 256]).latent_dist
             means.append(post.mean)
             stds.append(post.std)
-        self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
-        scaling = float(1.0 / self.lat_mean.std())
+        mean, std = torch.cat(means), torch.cat(stds)
+        if len(used) == self.cfg.train_images:  # every image drawn (a full run): the tensors as they come
+            self.lat_mean, self.lat_std = mean, std
+        else:  # rows of undrawn images stay 0; the memory format is kept (it steers the UNet's conv kernels)
+            channels_last = mean.dim() == 4 and mean.is_contiguous(memory_format=torch.channels_last)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            self.lat_mean = mean.new_zeros((self.cfg.train_images, *mean.shape[1:])).to(memory_format=fmt)
+            self.lat_std = std.new_zeros((self.cfg.train_images, *std.shape[1:])).to(memory_format=fmt)
+            self.lat_mean[used.to(mean.device)], self.lat_std[used.to(std.device)] = mean, std
+        scaling = float(1.0 / mean.std())
         self.vae.register_to_config(scaling_factor=scaling)
-        rec = self.vae.decode(self.lat_mean[:256]).sample
-        err = float(F.mse_loss(rec, images[:256]))
+        rec = self.vae.decode(mean[:256]).sample
+        err = float(F.mse_loss(rec, pixels[:256]))
         self.log(phase="latents", scaling_factor=scaling, recon_mse=err)
         logger.info("latents: scaling factor %.4f, reconstruction MSE %.5f", scaling, err)
 
@@ -271,7 +279,6 @@ class Trainer:
         weights = loss_weights(alphas, cfg.x0_weight_cap).to(self.device)
         alphas = alphas.to(self.device)
         dev = self.device
-        gen = torch.Generator().manual_seed(cfg.seed + 20)
         self.unet.train()
         self.text_encoder.train()
         opt = torch.optim.AdamW([
@@ -283,16 +290,12 @@ class Trainer:
         scale = self.vae.config.scaling_factor
         bar = tqdm(range(cfg.unet_steps), desc="unet+text", disable=not self.progress, mininterval=5)
         running = None
-        for step in bar:
-            idx = torch.randint(0, self.lat_mean.shape[0], (cfg.batch,), generator=gen).to(dev)
+        for step, (idx, drop, t, eps) in zip(bar, unet_batches(cfg, unet_step_count(cfg), self.latent_shape)):
+            idx = idx.to(dev)
             z0 = self.lat_mean[idx] * scale
             ids = self.ids[idx].clone()
-            drop = (torch.rand(cfg.batch, generator=gen) < cfg.uncond_prob).to(dev)
-            ids[drop] = self.empty_ids
-            t = sample_timesteps(cfg.batch, cfg.t_power, gen).to(dev)
-            eps = torch.randn(z0.shape, generator=gen)
-            if cfg.offset_noise:
-                eps = eps + cfg.offset_noise * torch.randn((cfg.batch, z0.shape[1], 1, 1), generator=gen)
+            ids[drop.to(dev)] = self.empty_ids
+            t = t.to(dev)
             eps = eps.to(dev)
             a = alphas[t].view(-1, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
@@ -370,6 +373,9 @@ def save_pipeline(vae, text_encoder, unet, path: Path, fp16: bool = True) -> Pat
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    from .portable import make_portable  # text_model.* keys, vocab.json and merges.txt: transformers 4.x reads it too
+
+    make_portable(tmp)
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)

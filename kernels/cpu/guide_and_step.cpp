@@ -51,20 +51,38 @@ void step_tile(const float* u, const float* c, const float* x, const float* prev
       }
     }
     const float xi = x[i];
-    const float ce = c0 * e;
-    const float num = xi - ce;
-    const float x0 = num / c1;
+    constexpr int kBase = Form % kVPrediction;
+    constexpr bool kV = Form >= kVPrediction;
+    float x0;
+    if constexpr (!kV) {
+      const float ce = c0 * e;
+      const float num = xi - ce;
+      x0 = num / c1;
+    } else if constexpr (kBase == kEuler) {
+      const float ce = c0 * e;
+      const float xs = xi / c1;
+      x0 = ce + xs;
+    } else {
+      const float ax = c1 * xi;
+      const float se = c0 * e;
+      x0 = ax - se;
+      if constexpr (kBase == kDdim) {
+        const float ae = c1 * e;
+        const float sx = c0 * xi;
+        e = ae + sx;
+      }
+    }
     float o;
-    if constexpr (Form == kDdim) {
+    if constexpr (kBase == kDdim) {
       const float a = c2 * x0;
       const float b = c3 * e;
       o = a + b;
-    } else if constexpr (Form == kEuler) {
+    } else if constexpr (kBase == kEuler) {
       const float dx = xi - x0;
       const float deriv = dx / c2;
       const float delta = deriv * c3;
       o = xi + delta;
-    } else if constexpr (Form == kMultistep1) {
+    } else if constexpr (kBase == kMultistep1) {
       const float a = c2 * xi;
       const float b = c3 * x0;
       o = a - b;
@@ -114,8 +132,16 @@ TileFn pick(int form, int mode, bool write_x0) {
       return pick_mode<kEuler>(mode, write_x0);
     case kMultistep1:
       return pick_mode<kMultistep1>(mode, write_x0);
-    default:
+    case kMultistep2:
       return pick_mode<kMultistep2>(mode, write_x0);
+    case kDdimV:
+      return pick_mode<kDdimV>(mode, write_x0);
+    case kEulerV:
+      return pick_mode<kEulerV>(mode, write_x0);
+    case kMultistep1V:
+      return pick_mode<kMultistep1V>(mode, write_x0);
+    default:
+      return pick_mode<kMultistep2V>(mode, write_x0);
   }
 }
 
@@ -131,11 +157,13 @@ void check_rows(const GuideStepArgs& a) {
       throw std::invalid_argument(where + "row_b: expected -1 or a row in [0, " + std::to_string(a.pred_rows) +
                                   "), got " + std::to_string(r[1]));
     }
-    if (r[2] < kDdim || r[2] > kMultistep2) {
-      throw std::invalid_argument(where + "form: expected 0..3, got " + std::to_string(r[2]));
+    if (r[2] < 0 || r[2] >= kFormCount) {
+      throw std::invalid_argument(where + "form: expected 0.." + std::to_string(kFormCount - 1) + ", got " +
+                                  std::to_string(r[2]));
     }
-    if (r[2] == kMultistep2 && a.prev == nullptr) {
-      throw std::invalid_argument(where + "prev: expected the previous x0 for form 3 (multistep order 2), got null");
+    if ((r[2] == kMultistep2 || r[2] == kMultistep2V) && a.prev == nullptr) {
+      throw std::invalid_argument(where + "prev: expected the previous x0 for form " + std::to_string(r[2]) +
+                                  " (multistep order 2), got null");
     }
   }
 }

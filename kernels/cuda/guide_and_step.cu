@@ -1,9 +1,10 @@
 // guide_and_step on CUDA (float32 and float16 buffers, float32 arithmetic), one launch per call.
 //
 // Grid: (blocks per image, images). Each thread walks its image with a grid stride, combines the
-// two predictions, applies the scheduler update (see cfgswitch_kernels.h for the four forms) and,
-// for guided images when asked, accumulates <u, c>, |u|^2 and |c|^2. Blocks add their sums into a
-// per-image workspace slot with double atomics; the last block of an image (ticket counter) turns
+// two predictions, converts the model output to x0 (epsilon or v-prediction, by the form), applies
+// the scheduler update (see cfgswitch_kernels.h for the eight forms) and, for guided images when
+// asked, accumulates <u, c>, |u|^2 and |c|^2. Blocks add their sums into a per-image workspace slot
+// with double atomics; the last block of an image (ticket counter) turns
 // them into the cosine and zeroes the slot again, so the workspace stays ready for the next call.
 // Arithmetic uses the _rn intrinsics so nvcc does not contract a*b+c into an FMA: in float32 this
 // rounds exactly as the CPU kernel and torch's separate ops do.
@@ -78,9 +79,20 @@ __global__ void __launch_bounds__(kThreads) guide_and_step_kernel(
       e = load(u, i);
     }
     const float xi = load(sample, base + i);
-    const float x0 = __fdiv_rn(__fsub_rn(xi, __fmul_rn(c0, e)), c1);
+    const int step = form % cfgswitch::kVPrediction;  // the update; form >= kVPrediction: v-prediction model
+    float x0;
+    if (form < cfgswitch::kVPrediction) {
+      x0 = __fdiv_rn(__fsub_rn(xi, __fmul_rn(c0, e)), c1);
+    } else if (step == cfgswitch::kEuler) {
+      x0 = __fadd_rn(__fmul_rn(c0, e), __fdiv_rn(xi, c1));
+    } else {
+      x0 = __fsub_rn(__fmul_rn(c1, xi), __fmul_rn(c0, e));
+      if (step == cfgswitch::kDdim) {
+        e = __fadd_rn(__fmul_rn(c1, e), __fmul_rn(c0, xi));
+      }
+    }
     float o;
-    switch (form) {
+    switch (step) {
       case cfgswitch::kDdim:
         o = __fadd_rn(__fmul_rn(c2, x0), __fmul_rn(c3, e));
         break;

@@ -17,11 +17,16 @@ void cfg_combine_f32(const float* uncond, const float* cond, const float* weight
 // Per image b (all parameters are per image, so one call serves a batch that mixes requests):
 //   e    = pred[row_a]                                   when row_b < 0 (one prediction)
 //   e    = u + w * (c - u), u = pred[row_a], c = pred[row_b]   otherwise (guided)
-//   x0   = (x - c0 * e) / c1                             (predicted clean latents)
+//   x0   = (x - c0 * e) / c1                             (predicted clean latents; epsilon forms 0..3)
 //   out  = form kDdim:        c2 * x0 + c3 * e
 //          form kEuler:       x + ((x - x0) / c2) * c3
 //          form kMultistep1:  c2 * x - c3 * x0
 //          form kMultistep2:  (c2 * x - c3 * x0) - c5 * (c4 * (x0 - prev))
+// The v-prediction forms (kVPrediction + an epsilon form, 4..7) convert the model output per row:
+//   x0   = c1 * x - c0 * e                               (kDdimV, kMultistep1V, kMultistep2V)
+//   x0   = c0 * e + x / c1                               (kEulerV)
+//   e    = c1 * e + c0 * x                               (kDdimV only: the epsilon the update uses)
+// then apply the update of their epsilon form.
 // Each line is evaluated in exactly this order, one rounding per operation (no contraction), which
 // is the order diffusers' DDIMScheduler, EulerDiscreteScheduler and DPMSolverMultistepScheduler
 // (dpmsolver++) evaluate their float32 updates in; the host computes c0..c5 from the scheduler.
@@ -29,7 +34,18 @@ void cfg_combine_f32(const float* uncond, const float* cond, const float* weight
 // image with one prediction.
 // ---------------------------------------------------------------------------------------------
 
-enum StepForm : std::int32_t { kDdim = 0, kEuler = 1, kMultistep1 = 2, kMultistep2 = 3 };
+enum StepForm : std::int32_t {
+  kDdim = 0,
+  kEuler = 1,
+  kMultistep1 = 2,
+  kMultistep2 = 3,
+  kDdimV = 4,
+  kEulerV = 5,
+  kMultistep1V = 6,
+  kMultistep2V = 7,
+};
+constexpr std::int32_t kVPrediction = 4;  // added to an epsilon form: the same update, v-prediction model
+constexpr std::int32_t kFormCount = 8;
 
 // Layout of the per-image parameter blocks.
 constexpr int kParamsPerImage = 8;  // float32: [w, c0, c1, c2, c3, c4, c5, unused]
@@ -40,7 +56,7 @@ struct GuideStepArgs {
   const std::int32_t* rows = nullptr;  // [batch, kRowsPerImage]
   const float* params = nullptr;   // [batch, kParamsPerImage]
   const void* sample = nullptr;    // [batch, per_image] current latents x
-  const void* prev = nullptr;      // [batch, per_image] previous x0 (form kMultistep2 only), may be null
+  const void* prev = nullptr;      // [batch, per_image] previous x0 (kMultistep2, kMultistep2V only), may be null
   void* out = nullptr;             // [batch, per_image] next latents (may alias sample)
   void* out_x0 = nullptr;          // [batch, per_image] predicted x0, may be null
   float* cosine = nullptr;         // [batch], may be null
