@@ -179,7 +179,11 @@ def _serve(system: str, sampler: Any, load: List[Arrival], max_rows: int, max_ba
             if delay > 0:
                 time.sleep(delay)
             if engine is not None:
-                pending.append((a, engine.submit(a.prompt, steps=a.steps, plan=plan, seed=a.seed, output_type="np")))
+                fut = engine.submit(a.prompt, steps=a.steps, plan=plan, seed=a.seed, output_type="np")
+                # the finish time is taken when the request finishes, not when this loop gets to it
+                fut.add_done_callback(lambda f, a=a: done(a, f.result().timings.get("queue", 0.0)) if not f.exception()
+                                      else None)
+                pending.append((a, fut))
             elif batcher is not None:
                 batcher.submit(a, done)
             else:
@@ -189,10 +193,10 @@ def _serve(system: str, sampler: Any, load: List[Arrival], max_rows: int, max_ba
                 serial.append(a)
         if engine is not None:
             for a, fut in pending:
-                out = fut.result(timeout=3600)
-                with lock:
-                    finished[id(a)] = time.perf_counter() - t0
-                    waits[id(a)] = out.timings.get("queue", 0.0)
+                fut.result(timeout=3600)
+            limit = time.perf_counter() + 30  # done-callbacks run just after result() can return
+            while len(finished) < len(load) and time.perf_counter() < limit:
+                time.sleep(0.001)
             engine.close()
         elif batcher is not None:
             while len(finished) < len(load):

@@ -315,15 +315,18 @@ class PlanSpec:
 
 
 def plan_specs(dims: ModelDims, batch_sizes: Sequence[int], image_sizes: Sequence[Tuple[int, int]],
-               layout: str = "two-engines", static: bool = True) -> List[PlanSpec]:
+               layout: str = "two-engines", static: bool = True, row_buckets: Sequence[int] = ()) -> List[PlanSpec]:
     """The plans a layout needs.
 
     ``two-engines``: ``unet_cfg`` (profiles of the ``cfg`` role) and ``unet`` (``late``).
     ``shared``: one ``unet`` plan whose profiles are those of ``cfg`` (2B rows) then those
-    of ``late`` (B rows). Both add ``text_encoder`` and ``vae_decoder``.
+    of ``late`` (B rows). Both add ``text_encoder`` and ``vae_decoder``. With ``row_buckets``
+    the plain UNet's (``late``) profiles are one per bucket instead, the row counts the step
+    engine pads its calls to (``cfgswitch build --row-buckets``).
     """
     def prof(component: str) -> Tuple[Profile, ...]:
-        return tuple(profiles_for(component, dims, batch_sizes, image_sizes, layout, static))
+        sizes = row_buckets if (component == "late" and row_buckets) else batch_sizes
+        return tuple(profiles_for(component, dims, sizes, image_sizes, layout, static))
 
     plans = [PlanSpec("text_encoder", "text_encoder", prof("text_encoder"))]
     if layout == "shared":

@@ -68,6 +68,9 @@ class BuildOptions:
         compute_capabilities (`tuple[str]`, defaults to ``()``): TensorRT for RTX only: the GPUs an
             ahead-of-time plan targets (``"7.5"`` for Turing, which its default set leaves out;
             ``"8.6"``, ``"8.9"``, ``"12.0"``...); empty: its portable default (Ampere and later).
+        row_buckets (`tuple[int]`, defaults to ``()``): the plain UNet's profiles are one per
+            row count instead of the bundle's batch sizes: the buckets the step engine pads its
+            calls to (``sampler.engine(row_buckets=...)``); empty: the batch sizes.
     """
 
     layout: str = "two-engines"
@@ -78,6 +81,7 @@ class BuildOptions:
     trt: str = "auto"
     tf32: bool = True
     compute_capabilities: Tuple[str, ...] = ()
+    row_buckets: Tuple[int, ...] = ()
 
     def check(self) -> "BuildOptions":
         """Raise :class:`InvalidArgumentError` for a bad option; return self."""
@@ -90,6 +94,10 @@ class BuildOptions:
             raise InvalidArgumentError("--trt", f"one of {', '.join(TRT_CHOICES)}", self.trt)
         if not isinstance(self.tf32, bool):
             raise InvalidArgumentError("tf32", "True or False", self.tf32)
+        rb = self.row_buckets
+        if rb and (any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 4096 for b in rb)
+                   or list(rb) != sorted(set(rb))):
+            raise InvalidArgumentError("--row-buckets", "increasing row counts in [1, 4096], e.g. 1,2,4,8,16", rb)
         bad = [c for c in self.compute_capabilities if c not in RTX_TARGETS]
         if bad or (self.compute_capabilities and self.trt == "tensorrt"):
             raise InvalidArgumentError("--compute-capability",
@@ -100,7 +108,7 @@ class BuildOptions:
     def flags(self) -> Dict[str, Any]:
         """The flags that change a plan (part of its cache key)."""
         return {"strongly_typed": True, "static": self.static, "builder_optimization_level": self.builder_optimization_level,
-                "tf32": self.tf32}
+                "tf32": self.tf32, **({"row_buckets": list(self.row_buckets)} if self.row_buckets else {})}
 
 
 #: ``builder(onnx_path, profiles, options, flavour) -> plan bytes`` or a :class:`BuiltPlan` (bytes + report).
@@ -304,6 +312,7 @@ def engines_entry(target: BuildTarget, options: BuildOptions, plans: Sequence[Pl
         "compute_capability": target.compute_capability,
         "gpu_name": target.gpu_name,
         "static": options.static,
+        "row_buckets": list(options.row_buckets),
         "build_flags": options.flags(),
         "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "plans": {name: {**files[name], "graph": by_name[name].graph,
@@ -363,7 +372,8 @@ def build_bundle(bundle_path: "str | Path", options: BuildOptions = BuildOptions
 
     options.check()
     bundle = read_manifest(bundle_path)
-    plans = plan_specs(bundle.dims, bundle.batch_sizes, bundle.image_sizes, options.layout, options.static)
+    plans = plan_specs(bundle.dims, bundle.batch_sizes, bundle.image_sizes, options.layout, options.static,
+                       options.row_buckets)
     verify_graphs(bundle, sorted({p.graph for p in plans}))
     target = target or detect_target(resolve_flavour(options.trt), compute_capabilities=options.compute_capabilities)
     flavour = FLAVOURS[target.flavour]

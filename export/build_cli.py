@@ -35,8 +35,20 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help="plan cache folder (default BUNDLE/engines)")
     p.add_argument("--no-check", dest="check", action="store_false", default=True,
                    help="skip the checks of each plan against the bundle's io_specs (cfgswitch.export.plan_check)")
+    p.add_argument("--row-buckets", default="", metavar="N[,N]", dest="row_buckets",
+                   help="the plain UNet's profiles: one per row count (the step engine's buckets, e.g. 1,2,4,8,16); "
+                        "default: the bundle's batch sizes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def _row_buckets(text: str):
+    from cfgswitch.errors import InvalidArgumentError
+
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InvalidArgumentError("--row-buckets", "comma-separated row counts, e.g. 1,2,4,8,16", text) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     options = BuildOptions(layout=args.layout, static=args.static, timing_cache=args.timing_cache,
                            builder_optimization_level=args.builder_optimization_level, cache_dir=args.cache_dir,
                            trt=args.trt, tf32=args.tf32,
-                           compute_capabilities=tuple(c.strip() for c in args.compute_capability.split(",") if c.strip())
-                           ).check()
+                           compute_capabilities=tuple(c.strip() for c in args.compute_capability.split(",") if c.strip()),
+                           row_buckets=_row_buckets(args.row_buckets)).check()
     read_manifest(args.bundle)  # bad bundle before any TensorRT work
     entry = build_bundle(args.bundle, options, progress=not args.no_progress)
     for name, plan in entry["plans"].items():

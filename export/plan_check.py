@@ -26,9 +26,10 @@ from cfgswitch.errors import BundleError
 from cfgswitch.io_specs import GraphSpec, PlanSpec, graph_spec, plan_specs
 
 
-def expected_plans(bundle: Bundle, layout: str, static: bool) -> Dict[str, PlanSpec]:
+def expected_plans(bundle: Bundle, layout: str, static: bool, row_buckets=()) -> Dict[str, PlanSpec]:
     """The plans io_specs asks for, by name (for the bundle's batch and image sizes)."""
-    return {p.name: p for p in plan_specs(bundle.dims, bundle.batch_sizes, bundle.image_sizes, layout, static)}
+    return {p.name: p for p in plan_specs(bundle.dims, bundle.batch_sizes, bundle.image_sizes, layout, static,
+                                          tuple(row_buckets))}
 
 
 def check_builder_report(report: Mapping[str, Any], plan: PlanSpec, spec: GraphSpec, model_dtype: str) -> List[str]:
@@ -93,7 +94,7 @@ def check_layout(bundle: Bundle, layout: str) -> List[str]:
     entry = bundle.engines(layout)
     if not entry.get("plans"):
         raise BundleError(f"bundle {bundle.path}: no {layout} plans to check (cfgswitch build {bundle.path} --layout {layout})")
-    wanted = expected_plans(bundle, layout, bool(entry.get("static", True)))
+    wanted = expected_plans(bundle, layout, bool(entry.get("static", True)), entry.get("row_buckets") or ())
     if sorted(wanted) != sorted(entry["plans"]):
         raise BundleError(f"bundle {bundle.path}: {layout} plans {sorted(entry['plans'])}, io_specs expects {sorted(wanted)}")
     flavour = entry.get("tensorrt_flavour", "tensorrt")

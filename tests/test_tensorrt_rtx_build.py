@@ -125,6 +125,27 @@ def test_tiny_dynamic_profiles_and_tf32_off(tiny_copy):
                      "encoder_hidden_states": [[1, 77, 32], [3, 77, 32], [3, 77, 32]]}]
 
 
+@pytest.mark.slow
+def test_row_buckets_give_the_plain_unet_one_static_profile_per_bucket(tiny_copy):
+    entry = _build(tiny_copy, "two-engines", "--row-buckets", "1,2,4")
+    assert entry["row_buckets"] == [1, 2, 4]
+    late = entry["plans"]["unet"]["builder_report"]["profiles"]
+    assert [p["sample"][0][0] for p in late] == [1, 2, 4]
+    assert all(p["sample"][0] == p["sample"][1] == p["sample"][2] for p in late)  # static: min = opt = max
+    cfg = entry["plans"]["unet_cfg"]["builder_report"]["profiles"]
+    assert [p["sample"][0][0] for p in cfg] == [1, 3]  # the CFG engine keeps the bundle's batch sizes
+    from cfgswitch.bundle import read_manifest
+    from cfgswitch.export.plan_check import check_layout
+
+    assert check_layout(read_manifest(tiny_copy), "two-engines")  # the checks read the buckets back
+
+
+def test_bad_row_buckets_are_refused_before_any_build(tiny_copy, capsys):
+    for bad in ("4,2", "0,1", "a,b"):
+        assert main(["build", str(tiny_copy), "--trt", "tensorrt-rtx", "--row-buckets", bad, "--no-progress"]) == 2
+        assert "--row-buckets: expected" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ every engine of the embedded model
 @pytest.fixture(scope="module")
 def embedded_bundles(tmp_path_factory):
