@@ -10,24 +10,10 @@ from cfgswitch.output import to_uint8
 from cfgswitch.serving.batching import RequestError, group_jobs, parse_batch, parse_request, run_batch
 from cfgswitch.serving.client import error_reason
 from cfgswitch.serving.limits import ServeLimits
+from _serving_requests import req  # noqa: E402
 
 LIMITS = ServeLimits(max_steps=20, max_batch=4, max_image_side=64, max_prompt_bytes=32, default_steps=3)
 KW = dict(limits=LIMITS, default_size=16, vae_factor=2)
-
-
-def req(**cols):
-    """A request as Triton hands it over: every input ``[b, 1]``."""
-    out = {}
-    for name, vals in cols.items():
-        if name in ("prompt", "negative_prompt", "plan", "scheduler"):
-            out[name] = np.array([[v.encode() if isinstance(v, str) else v] for v in vals], dtype=np.object_)
-        elif name == "seed":
-            out[name] = np.array(vals, dtype=np.int64).reshape(-1, 1)
-        elif name == "guidance_scale":
-            out[name] = np.array(vals, dtype=np.float32).reshape(-1, 1)
-        else:
-            out[name] = np.array(vals, dtype=np.int32).reshape(-1, 1)
-    return out
 
 
 def test_defaults_fill_in():

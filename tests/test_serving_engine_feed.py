@@ -17,24 +17,11 @@ from cfgswitch.serving.batching import run_batch
 from cfgswitch.serving.engine_feed import EngineFeeder
 from cfgswitch.serving.limits import ServeLimits
 from cfgswitch.serving.merger import ServerDrainingError
+from _serving_requests import req  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LIMITS = ServeLimits(max_steps=20, max_batch=4, max_image_side=64, max_prompt_bytes=64, default_steps=3)
-
-
-def req(**cols):
-    out = {}
-    for name, vals in cols.items():
-        if name in ("prompt", "negative_prompt", "plan", "scheduler"):
-            out[name] = np.array([[v.encode()] for v in vals], dtype=np.object_)
-        elif name == "seed":
-            out[name] = np.array(vals, dtype=np.int64).reshape(-1, 1)
-        elif name == "guidance_scale":
-            out[name] = np.array(vals, dtype=np.float32).reshape(-1, 1)
-        else:
-            out[name] = np.array(vals, dtype=np.int32).reshape(-1, 1)
-    return out
 
 
 def admit(sampler, data):

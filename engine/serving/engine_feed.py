@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import CfgSwitchError, EngineClosedError
 from .admission import AdmittedRequest
 from .batching import GroupKey, ImageJob, RequestError
-from .merger import ServerDrainingError
+from .merger import ServerDrainingError, wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -152,15 +152,9 @@ class EngineFeeder:
 
     def drain(self, timeout_s: float) -> bool:
         """Stop admitting, wait up to ``timeout_s`` for every admitted request; True when all were answered."""
-        deadline = time.monotonic() + timeout_s
         with self._cond:
             self._admitting = False
-            while self._open:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.5))
-        return True
+        return wait_until(self._cond, lambda: not self._open, timeout_s)
 
     def close(self) -> None:
         """Stop the engine; requests still unanswered get a :class:`ServerDrainingError`."""

@@ -33,6 +33,18 @@ class ServerDrainingError(CfgSwitchError):
     """The server is shutting down and admits no new request."""
 
 
+def wait_until(cond: threading.Condition, done: Callable[[], bool], timeout_s: float) -> bool:
+    """Wait on ``cond`` until ``done()`` (checked under it) or ``timeout_s`` passed; ``done()``'s last value."""
+    deadline = time.monotonic() + timeout_s
+    with cond:
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            cond.wait(min(left, 0.5))
+    return True
+
+
 class RequestMerger:
     """A queue of admitted requests and the worker that runs them in merged batches.
 
@@ -76,15 +88,9 @@ class RequestMerger:
 
     def drain(self, timeout_s: float) -> bool:
         """Stop admitting, wait up to ``timeout_s`` for every admitted request; True when all were answered."""
-        deadline = time.monotonic() + timeout_s
         with self._cond:
             self._admitting = False
-            while self._queue or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.5))
-        return True
+        return wait_until(self._cond, lambda: not (self._queue or self._busy), timeout_s)
 
     def close(self) -> None:
         """Stop the worker; requests still queued get a :class:`ServerDrainingError`."""
@@ -141,4 +147,4 @@ class RequestMerger:
                 self._cond.notify_all()
 
 
-__all__ = ["RequestMerger", "RunFn", "ServerDrainingError"]
+__all__ = ["RequestMerger", "RunFn", "ServerDrainingError", "wait_until"]
