@@ -28,6 +28,7 @@ from cfgswitch.io_specs import GRAPH_NAMES, ModelDims, graph_spec
 from .manifest import (build_manifest, content_hash_dir, content_hash_modules, file_records, graph_entry,
                        write_json_atomic)
 from .onnx_export import export_graph
+from .shared_weights import share_unet_weights
 from .verify import compare_graph
 from .wrappers import example_inputs, graph_module
 
@@ -178,6 +179,8 @@ def export_bundle(model: Union[str, Path, Any], out: Union[str, Path], options: 
             exported = export_graph(modules[g], spec, inputs[g], tmp / spec.file, opts.opset)
             graphs[g] = graph_entry(spec, exported, tmp, opts.dtype)
             bar.update()
+        if {"unet", "unet_cfg"} <= set(graphs):
+            share_unet_weights(tmp, graphs)  # one copy of the UNet weights on disk
         if opts.verify:
             for g in opts.graphs:
                 bar.set_postfix_str(f"verify {g}")

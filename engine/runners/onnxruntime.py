@@ -24,6 +24,7 @@ from ..errors import BackendUnavailableError, InvalidArgumentError
 from ..io_specs import GRAPH_NAMES, GraphSpec, graph_spec, resolve_shape
 from .base import Runners
 from .graph_runners import GraphGuidedUNet, GraphTextEncoder, GraphUNet, GraphVaeDecoder
+from .ort_sessions import open_sessions
 
 logger = logging.getLogger(__name__)
 
@@ -217,11 +218,12 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
     chosen = with_provider_defaults(chosen, bundle.path.name)
     device = binding_device(chosen)
     names = [c[0] if isinstance(c, tuple) else c for c in chosen]
-    graphs: Dict[str, OrtGraph] = {}
-    for name in GRAPH_NAMES:
-        sess = ort.InferenceSession(str(bundle.graph_path(name)), opts, providers=names,
-                                    provider_options=[c[1] if isinstance(c, tuple) else {} for c in chosen])
-        graphs[name] = OrtGraph(sess, graph_spec(name, dims), bundle.dtype, dims.vae_scale_factor, device)
+    sessions = open_sessions(ort, bundle, GRAPH_NAMES, opts, names,
+                             [c[1] if isinstance(c, tuple) else {} for c in chosen])
+    graphs: Dict[str, OrtGraph] = {
+        name: OrtGraph(sessions[name], graph_spec(name, dims), bundle.dtype, dims.vae_scale_factor, device)
+        for name in GRAPH_NAMES
+    }
     used = graphs["unet"].session.get_providers()
     logger.info("onnxruntime %s: providers %s, %s threads", ort.__version__, ", ".join(used), threads or "default")
 
