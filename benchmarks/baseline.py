@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from cfgswitch.plans import GuidancePlan
+from cfgswitch.plans import AlwaysPlan, GuidancePlan, StepPlan, SwitchPlan
 from cfgswitch.schedulers import make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -53,9 +53,9 @@ def baseline_switch_step(plan: str, steps: int) -> Optional[int]:
     if it is in ``[1, steps]``; interval, timestep and adaptive plans give ``None``.
     """
     p = GuidancePlan.parse(plan)
-    if p.kind == "always":
+    if isinstance(p, AlwaysPlan):
         return steps
-    if p.kind not in ("switch", "step"):
+    if not isinstance(p, (SwitchPlan, StepPlan)):
         return None
     schedule = p.schedule(list(range(steps)))
     k = sum(schedule)

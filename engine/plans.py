@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Dict, List, Optional, Type
 
 from .errors import InvalidArgumentError, PlanParseError
 
 #: Late modes: ``uncond`` runs eps(x_t, empty prompt) after the switch (the paper's rule),
 #: ``cond`` runs eps(x_t, prompt) (diffusers' CFG cutoff, Adaptive Guidance).
 LATE_MODES = ("uncond", "cond")
-_KINDS = ("always", "switch", "step", "timestep", "interval", "adaptive")
 PLAN_GRAMMAR = (
     "always | switch:F[:late] | step:K[:late] | timestep:T[:late] | interval:F0:F1[:late] | adaptive:C[:min=F][:late]"
     " (F in [0, 1], K an integer >= 0, late is uncond or cond; generate also takes auto)"
@@ -52,45 +51,50 @@ def _check_late(late: str) -> str:
     return late
 
 
+def _num(x: float) -> str:
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
 @dataclass(frozen=True)
 class GuidancePlan:
     """Which steps run classifier-free guidance and which run one prediction per image.
 
-    Build plans with the constructors (:meth:`always`, :meth:`switch_at`,
-    :meth:`switch_at_step`, :meth:`switch_at_timestep`, :meth:`interval`,
-    :meth:`adaptive`) or :meth:`parse`; do not call the dataclass directly.
+    Each plan kind is one small subclass with named fields (:class:`AlwaysPlan`,
+    :class:`SwitchPlan`, :class:`StepPlan`, :class:`TimestepPlan`, :class:`IntervalPlan`,
+    :class:`AdaptivePlan`), registered once in :data:`PLAN_KINDS` under its ``kind`` name. Build
+    plans with the checked constructors (:meth:`always`, :meth:`switch_at`,
+    :meth:`switch_at_step`, :meth:`switch_at_timestep`, :meth:`interval`, :meth:`adaptive`) or
+    :meth:`parse`.
 
     Attributes:
-        kind (`str`): one of ``always``, ``switch``, ``step``, ``timestep``, ``interval``, ``adaptive``.
-        a (`float`): the first parameter (fraction, step, timestep, start or threshold).
-        b (`float`): the second parameter (end of the interval; for ``adaptive`` the minimum
-            share of CFG steps), else 0.
         late (`str`): ``uncond`` or ``cond``, what the late phase predicts.
     """
 
-    kind: str
-    a: float = 0.0
-    b: float = 0.0
     late: str = "uncond"
+    #: The plan kind's registry name (its first word in the plan string).
+    kind: ClassVar[str] = ""
+    #: How many numbers follow the kind in the plan string.
+    arity: ClassVar[int] = 0
 
     # ----------------------------------------------------------------- constructors
-    @classmethod
-    def always(cls) -> "GuidancePlan":
+    @staticmethod
+    def always() -> "AlwaysPlan":
         """CFG at every step: the baseline (2B rows per step)."""
-        return cls("always")
+        return AlwaysPlan()
 
-    @classmethod
-    def switch_at(cls, fraction: float, late: str = "uncond") -> "GuidancePlan":
+    @staticmethod
+    def switch_at(fraction: float, late: str = "uncond") -> "SwitchPlan":
         """CFG for the first ``round(fraction * N)`` steps, then late (the paper's rule).
 
         Args:
             fraction (`float`): where the late phase starts, in [0, 1]; 1 is always-CFG.
             late (`str`, defaults to ``"uncond"``): what the late phase predicts.
         """
-        return cls("switch", _check_fraction("fraction", fraction), 0.0, _check_late(late))
+        return SwitchPlan(_check_late(late), _check_fraction("fraction", fraction))
 
-    @classmethod
-    def switch_at_step(cls, step: int, late: str = "uncond") -> "GuidancePlan":
+    @staticmethod
+    def switch_at_step(step: int, late: str = "uncond") -> "StepPlan":
         """CFG for steps ``0..step-1``, then late. A step past the end means always-CFG.
 
         Args:
@@ -99,10 +103,10 @@ class GuidancePlan:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise InvalidArgumentError("step", "an integer >= 0", step)
-        return cls("step", float(step), 0.0, _check_late(late))
+        return StepPlan(_check_late(late), int(step))
 
-    @classmethod
-    def switch_at_timestep(cls, timestep: float, late: str = "uncond") -> "GuidancePlan":
+    @staticmethod
+    def switch_at_timestep(timestep: float, late: str = "uncond") -> "TimestepPlan":
         """CFG while the scheduler's timestep is above ``timestep``, late from the first step at or below it.
 
         Args:
@@ -113,10 +117,10 @@ class GuidancePlan:
             raise InvalidArgumentError("timestep", "a finite number >= 0", timestep)
         if timestep < 0:
             raise InvalidArgumentError("timestep", "a number >= 0", timestep)
-        return cls("timestep", float(timestep), 0.0, _check_late(late))
+        return TimestepPlan(_check_late(late), float(timestep))
 
-    @classmethod
-    def interval(cls, start: float, end: float, late: str = "uncond") -> "GuidancePlan":
+    @staticmethod
+    def interval(start: float, end: float, late: str = "uncond") -> "IntervalPlan":
         """CFG only for steps in ``[round(start * N), round(end * N))`` (Kynkäänniemi et al., 2024).
 
         Args:
@@ -128,10 +132,10 @@ class GuidancePlan:
         e = _check_fraction("end", end)
         if e < s:
             raise InvalidArgumentError("end", f"a fraction >= start ({s})", end)
-        return cls("interval", s, e, _check_late(late))
+        return IntervalPlan(_check_late(late), s, e)
 
-    @classmethod
-    def adaptive(cls, threshold: float, late: str = "uncond", min_fraction: float = 0.0) -> "GuidancePlan":
+    @staticmethod
+    def adaptive(threshold: float, late: str = "uncond", min_fraction: float = 0.0) -> "AdaptivePlan":
         """Per image: CFG until that image's cosine(eps_cond, eps_uncond) reaches ``threshold``, then late for good.
 
         Each image switches on its own (in ``generate`` and in the step engine), so an image
@@ -148,13 +152,13 @@ class GuidancePlan:
             raise InvalidArgumentError("threshold", "a finite number in [-1, 1]", threshold)
         if not -1.0 <= threshold <= 1.0:
             raise InvalidArgumentError("threshold", "a cosine similarity in [-1, 1]", threshold)
-        return cls("adaptive", float(threshold), _check_fraction("min_fraction", min_fraction), _check_late(late))
+        return AdaptivePlan(_check_late(late), float(threshold), _check_fraction("min_fraction", min_fraction))
 
     # ----------------------------------------------------------------- queries
     @property
     def is_adaptive(self) -> bool:
         """True when the plan decides from the predictions (the loop must feed cosines)."""
-        return self.kind == "adaptive"
+        return False
 
     def is_cfg(self, step: int, num_steps: int, timestep: float) -> bool:
         """Whether step ``step`` of ``num_steps`` (timestep ``timestep``) runs guided.
@@ -162,23 +166,12 @@ class GuidancePlan:
         For the adaptive plan this is the answer before any switch (always True);
         the loop applies :meth:`should_switch` on top.
         """
-        k = self.kind
-        if k in ("always", "adaptive"):
-            return True
-        if k == "switch":
-            return step < _fraction_to_step(self.a, num_steps)
-        if k == "step":
-            return step < int(self.a)
-        if k == "timestep":
-            return float(timestep) > self.a
-        if k == "interval":
-            return _fraction_to_step(self.a, num_steps) <= step < _fraction_to_step(self.b, num_steps)
-        raise PlanParseError("plan", PLAN_GRAMMAR, k)  # unreachable for constructed plans
+        raise NotImplementedError
 
     @property
     def min_fraction(self) -> float:
         """The adaptive plan's minimum share of CFG steps (0 for the other kinds)."""
-        return self.b if self.kind == "adaptive" else 0.0
+        return 0.0
 
     def may_switch(self, step: int, num_steps: int) -> bool:
         """For the adaptive plan: whether a switch after step ``step`` of ``num_steps`` respects ``min=``.
@@ -186,7 +179,7 @@ class GuidancePlan:
         A switch after step ``step`` makes step ``step + 1`` the first late step; with ``min=F``
         it must be at least ``round(F * num_steps)``.
         """
-        return self.kind == "adaptive" and step + 1 >= _fraction_to_step(self.min_fraction, num_steps)
+        return False
 
     def should_switch(self, min_cosine: Optional[float], step: Optional[int] = None, num_steps: Optional[int] = None) -> bool:
         """For the adaptive plan: whether to run late from step ``step + 1`` on.
@@ -200,11 +193,7 @@ class GuidancePlan:
             step (`int`, optional): index of the step just run.
             num_steps (`int`, optional): steps of the trajectory.
         """
-        if self.kind != "adaptive" or min_cosine is None or min_cosine < self.a:
-            return False
-        if self.min_fraction == 0.0:
-            return True
-        return step is not None and num_steps is not None and self.may_switch(step, num_steps)
+        return False
 
     def schedule(self, timesteps) -> list:
         """The static CFG/late decision for each timestep of a trajectory (adaptive: all True)."""
@@ -212,21 +201,18 @@ class GuidancePlan:
         return [self.is_cfg(i, n, float(t)) for i, t in enumerate(timesteps)]
 
     # ----------------------------------------------------------------- strings
-    def __str__(self) -> str:
-        def num(x: float) -> str:
-            text = repr(float(x))
-            return text[:-2] if text.endswith(".0") else text
+    def _body(self) -> str:
+        """The plan string without its late mode."""
+        return self.kind
 
-        if self.kind == "always":
-            return "always"
-        body = {
-            "switch": f"switch:{num(self.a)}",
-            "step": f"step:{num(self.a)}",
-            "timestep": f"timestep:{num(self.a)}",
-            "interval": f"interval:{num(self.a)}:{num(self.b)}",
-            "adaptive": f"adaptive:{num(self.a)}" + (f":min={num(self.b)}" if self.b else ""),
-        }[self.kind]
+    def __str__(self) -> str:
+        body = self._body()
         return body if self.late == "uncond" else f"{body}:{self.late}"
+
+    @classmethod
+    def _from_args(cls, values: List[float], late: str, min_fraction: float) -> "GuidancePlan":
+        """The plan of this kind from its parsed numbers (checked by the constructors)."""
+        raise NotImplementedError
 
     @classmethod
     def parse(cls, text: "str | GuidancePlan") -> "GuidancePlan":
@@ -248,40 +234,189 @@ class GuidancePlan:
         if args and args[-1] in LATE_MODES:
             late = args.pop()
         minimum = [a for a in args if a.startswith("min=")]
-        if kind == "adaptive" and len(minimum) == 1:
+        if kind == AdaptivePlan.kind and len(minimum) == 1:
             args.remove(minimum[0])
             minimum_text = minimum[0][4:]
         elif minimum:
             raise PlanParseError("plan", f"min=F once, only in an adaptive plan ({PLAN_GRAMMAR})", text)
         else:
             minimum_text = "0"
-        arity = {"always": 0, "switch": 1, "step": 1, "timestep": 1, "interval": 2, "adaptive": 1}
-        if kind not in arity or len(args) != arity[kind] or (kind == "always" and late != "uncond" and len(parts) > 1):
+        plan_cls = PLAN_KINDS.get(kind)
+        if (plan_cls is None or len(args) != plan_cls.arity
+                or (plan_cls is AlwaysPlan and late != "uncond" and len(parts) > 1)):
             raise PlanParseError("plan", f"a plan string ({PLAN_GRAMMAR})", text)
         try:
-            if kind == "step":
+            if plan_cls is StepPlan:
                 if not args[0].lstrip("-").isdigit():
                     raise ValueError(args[0])
-                values = [int(args[0])]
+                values: List[float] = [int(args[0])]
             else:
                 values = [float(a) for a in args]
             min_fraction = float(minimum_text)
         except ValueError:
             raise PlanParseError("plan", f"a plan string with numeric parameters ({PLAN_GRAMMAR})", text) from None
         try:
-            if kind == "always":
-                return cls.always()
-            if kind == "switch":
-                return cls.switch_at(values[0], late)
-            if kind == "step":
-                return cls.switch_at_step(values[0], late)
-            if kind == "timestep":
-                return cls.switch_at_timestep(values[0], late)
-            if kind == "interval":
-                return cls.interval(values[0], values[1], late)
-            return cls.adaptive(values[0], late, min_fraction)
+            return plan_cls._from_args(values, late, min_fraction)
         except InvalidArgumentError as e:
             raise PlanParseError("plan", f"a valid plan ({e.argument}: {e.expected})", text) from None
 
 
-__all__ = ["GuidancePlan", "LATE_MODES", "PLAN_GRAMMAR"]
+@dataclass(frozen=True)
+class AlwaysPlan(GuidancePlan):
+    """CFG at every step (``always``)."""
+
+    kind: ClassVar[str] = "always"
+    arity: ClassVar[int] = 0
+
+    def is_cfg(self, step: int, num_steps: int, timestep: float) -> bool:
+        return True
+
+    @classmethod
+    def _from_args(cls, values: List[float], late: str, min_fraction: float) -> "AlwaysPlan":
+        return GuidancePlan.always()
+
+
+@dataclass(frozen=True)
+class SwitchPlan(GuidancePlan):
+    """CFG for the first ``round(fraction * N)`` steps (``switch:F``).
+
+    Attributes:
+        fraction (`float`): where the late phase starts, in [0, 1].
+    """
+
+    fraction: float = 0.5
+    kind: ClassVar[str] = "switch"
+    arity: ClassVar[int] = 1
+
+    def is_cfg(self, step: int, num_steps: int, timestep: float) -> bool:
+        return step < _fraction_to_step(self.fraction, num_steps)
+
+    def _body(self) -> str:
+        return f"switch:{_num(self.fraction)}"
+
+    @classmethod
+    def _from_args(cls, values: List[float], late: str, min_fraction: float) -> "SwitchPlan":
+        return GuidancePlan.switch_at(values[0], late)
+
+
+@dataclass(frozen=True)
+class StepPlan(GuidancePlan):
+    """CFG for steps ``0..step-1`` (``step:K``).
+
+    Attributes:
+        step (`int`): the first late step.
+    """
+
+    step: int = 0
+    kind: ClassVar[str] = "step"
+    arity: ClassVar[int] = 1
+
+    def is_cfg(self, step: int, num_steps: int, timestep: float) -> bool:
+        return step < self.step
+
+    def _body(self) -> str:
+        return f"step:{self.step}"
+
+    @classmethod
+    def _from_args(cls, values: List[float], late: str, min_fraction: float) -> "StepPlan":
+        return GuidancePlan.switch_at_step(int(values[0]), late)
+
+
+@dataclass(frozen=True)
+class TimestepPlan(GuidancePlan):
+    """CFG while the timestep is above ``timestep`` (``timestep:T``).
+
+    Attributes:
+        timestep (`float`): the threshold timestep.
+    """
+
+    timestep: float = 0.0
+    kind: ClassVar[str] = "timestep"
+    arity: ClassVar[int] = 1
+
+    def is_cfg(self, step: int, num_steps: int, timestep: float) -> bool:
+        return float(timestep) > self.timestep
+
+    def _body(self) -> str:
+        return f"timestep:{_num(self.timestep)}"
+
+    @classmethod
+    def _from_args(cls, values: List[float], late: str, min_fraction: float) -> "TimestepPlan":
+        return GuidancePlan.switch_at_timestep(values[0], late)
+
+
+@dataclass(frozen=True)
+class IntervalPlan(GuidancePlan):
+    """CFG only inside ``[round(start * N), round(end * N))`` (``interval:F0:F1``).
+
+    Attributes:
+        start, end (`float`): the guided window, fractions of the trajectory.
+    """
+
+    start: float = 0.0
+    end: float = 1.0
+    kind: ClassVar[str] = "interval"
+    arity: ClassVar[int] = 2
+
+    def is_cfg(self, step: int, num_steps: int, timestep: float) -> bool:
+        return _fraction_to_step(self.start, num_steps) <= step < _fraction_to_step(self.end, num_steps)
+
+    def _body(self) -> str:
+        return f"interval:{_num(self.start)}:{_num(self.end)}"
+
+    @classmethod
+    def _from_args(cls, values: List[float], late: str, min_fraction: float) -> "IntervalPlan":
+        return GuidancePlan.interval(values[0], values[1], late)
+
+
+@dataclass(frozen=True)
+class AdaptivePlan(GuidancePlan):
+    """Per image, CFG until the cosine of its two predictions reaches ``threshold`` (``adaptive:C[:min=F]``).
+
+    Attributes:
+        threshold (`float`): the cosine similarity threshold.
+        min_share (`float`): the smallest share of steps that run guided (``min=F``).
+    """
+
+    threshold: float = 1.0
+    min_share: float = 0.0
+    kind: ClassVar[str] = "adaptive"
+    arity: ClassVar[int] = 1
+
+    @property
+    def is_adaptive(self) -> bool:
+        return True
+
+    def is_cfg(self, step: int, num_steps: int, timestep: float) -> bool:
+        return True
+
+    @property
+    def min_fraction(self) -> float:
+        return self.min_share
+
+    def may_switch(self, step: int, num_steps: int) -> bool:
+        return step + 1 >= _fraction_to_step(self.min_share, num_steps)
+
+    def should_switch(self, min_cosine: Optional[float], step: Optional[int] = None, num_steps: Optional[int] = None) -> bool:
+        if min_cosine is None or min_cosine < self.threshold:
+            return False
+        if self.min_share == 0.0:
+            return True
+        return step is not None and num_steps is not None and self.may_switch(step, num_steps)
+
+    def _body(self) -> str:
+        return f"adaptive:{_num(self.threshold)}" + (f":min={_num(self.min_share)}" if self.min_share else "")
+
+    @classmethod
+    def _from_args(cls, values: List[float], late: str, min_fraction: float) -> "AdaptivePlan":
+        return GuidancePlan.adaptive(values[0], late, min_fraction)
+
+
+#: Every plan kind by its name: the one registry the parser, the CLI help and serving read.
+PLAN_KINDS: Dict[str, Type[GuidancePlan]] = {
+    c.kind: c for c in (AlwaysPlan, SwitchPlan, StepPlan, TimestepPlan, IntervalPlan, AdaptivePlan)
+}
+
+
+__all__ = ["AdaptivePlan", "AlwaysPlan", "GuidancePlan", "IntervalPlan", "LATE_MODES", "PLAN_GRAMMAR", "PLAN_KINDS",
+           "StepPlan", "SwitchPlan", "TimestepPlan"]

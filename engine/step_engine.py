@@ -41,7 +41,7 @@ from .errors import DeadlineExceededError, EngineClosedError, InvalidArgumentErr
 from .plans import GuidancePlan
 from .request import check_request
 from .step_batch import UNET_CALLS, Flight, new_flight, start_flight
-from .step_iteration import decode_finished, encode_admitted, iterate
+from .step_iteration import decode_finished, encode_admitted, fail_future, iterate, resolve_future
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class StepEngine:
                     self._queue.clear()
                     self._active.clear()
                 for _, fut in left:
-                    _fail(fut, EngineClosedError("close: the engine stopped before the request finished"))
+                    fail_future(fut, EngineClosedError("close: the engine stopped before the request finished"))
             return
         if self._thread.ident is not None:
             self._thread.join(timeout)
@@ -219,7 +219,7 @@ class StepEngine:
                 self._abort = True
                 self._cv.notify_all()
             for _, fut in left:
-                _fail(fut, EngineClosedError(f"close: the request did not finish within {timeout} s"))
+                fail_future(fut, EngineClosedError(f"close: the request did not finish within {timeout} s"))
 
     def stats(self) -> Dict[str, Any]:
         """Counters: UNet calls, real and padded rows, rows per call (histogram), requests by
@@ -278,7 +278,7 @@ class StepEngine:
                 broken = list(self._active)
                 self._active.clear()
             for _, fut in broken:
-                _fail(fut, e)
+                fail_future(fut, e)
 
     def _drop_queued_locked(self) -> None:
         now = time.perf_counter()
@@ -288,7 +288,7 @@ class StepEngine:
                 self._stats["cancelled"] += 1
             elif flight.deadline is not None and now > flight.deadline:
                 self._stats["expired"] += 1
-                _fail(fut, DeadlineExceededError(f"request {flight.rid}: deadline passed before it started"))
+                fail_future(fut, DeadlineExceededError(f"request {flight.rid}: deadline passed before it started"))
             else:
                 kept.append((flight, fut))
         self._queue = kept
@@ -339,7 +339,7 @@ class StepEngine:
             for flight, fut in self._active:
                 if flight.rid in failed:
                     self._stats["failed"] += 1
-                    _fail(fut, failed[flight.rid])
+                    fail_future(fut, failed[flight.rid])
                 elif flight.done:
                     finished.append((flight, fut))
                 else:
@@ -351,8 +351,8 @@ class StepEngine:
                 for (flight, fut), outcome in zip(finished, outcomes):
                     if isinstance(outcome, BaseException):
                         self._stats["failed"] += 1
-                        _fail(fut, outcome)
-                    elif _resolve(fut, outcome):
+                        fail_future(fut, outcome)
+                    elif resolve_future(fut, outcome):
                         self._stats["completed"] += 1
 
     def _keep(self, flight: Flight, fut: EngineFuture) -> bool:
@@ -361,24 +361,9 @@ class StepEngine:
             return False
         if flight.deadline is not None and time.perf_counter() > flight.deadline:
             self._stats["expired"] += 1
-            _fail(fut, DeadlineExceededError(f"request {flight.rid}: deadline passed at step {flight.step}"))
+            fail_future(fut, DeadlineExceededError(f"request {flight.rid}: deadline passed at step {flight.step}"))
             return False
         return True
-
-
-def _fail(fut: EngineFuture, error: BaseException) -> None:
-    try:
-        fut.set_exception(error)
-    except concurrent.futures.InvalidStateError:  # cancelled meanwhile
-        pass
-
-
-def _resolve(fut: EngineFuture, value: Any) -> bool:
-    try:
-        fut.set_result(value)
-        return True
-    except concurrent.futures.InvalidStateError:  # cancelled meanwhile
-        return False
 
 
 __all__ = ["EngineFuture", "StepEngine", "default_buckets"]

@@ -8,6 +8,7 @@ request that breaks it fails.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from collections import OrderedDict
@@ -25,13 +26,21 @@ from .tokenizer import tokenize, truncation_warnings
 logger = logging.getLogger(__name__)
 
 
-def _fail(fut: Any, error: BaseException) -> None:
-    import concurrent.futures
-
+def fail_future(fut: Any, error: BaseException) -> None:
+    """Fail a request's future with ``error``; a future cancelled meanwhile stays cancelled."""
     try:
         fut.set_exception(error)
-    except concurrent.futures.InvalidStateError:
+    except concurrent.futures.InvalidStateError:  # cancelled meanwhile
         pass
+
+
+def resolve_future(fut: Any, value: Any) -> bool:
+    """Give a request's future its result; False when it was cancelled meanwhile."""
+    try:
+        fut.set_result(value)
+        return True
+    except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+        return False
 
 
 def _wrap(rid: int, stage: str, error: BaseException) -> BaseException:
@@ -81,7 +90,7 @@ def encode_admitted(sampler: Any, admitted: Sequence[Tuple[Flight, Any]]) -> Lis
                 _encode(sampler, [f])
                 ok.append((f, fut))
             except Exception as e:  # noqa: BLE001
-                _fail(fut, _wrap(f.rid, "text encoding", e))
+                fail_future(fut, _wrap(f.rid, "text encoding", e))
     seconds = time.perf_counter() - start
     for f, _ in ok:
         f.add_time("text", seconds)

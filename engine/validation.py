@@ -162,7 +162,9 @@ def check_plan_steps(plan: Any, steps: int) -> None:
     ``step:K`` with ``K == steps`` is CFG all the way (as ``always``); ``K > steps`` is a
     mistake (usually a step count changed without the plan) and raises.
     """
-    if getattr(plan, "kind", None) == "step" and int(plan.a) > steps:
+    from .plans import StepPlan
+
+    if isinstance(plan, StepPlan) and plan.step > steps:
         raise InvalidArgumentError(
             "plan", f"step:K with K <= steps ({steps}); use always for CFG at every step", str(plan)
         )

@@ -115,3 +115,33 @@ def test_step_plan_messages():
     assert str(e.value) == "plan: expected a valid plan (step: an integer >= 0), got 'step:-1'"
     with pytest.raises(PlanParseError, match="'auto' is resolved against a model"):
         GuidancePlan.parse("auto")
+
+
+# ---------------------------------------------------------------- one class per plan kind
+@pytest.mark.parametrize("text, cls_name, fields", [
+    ("always", "AlwaysPlan", {"late": "uncond"}),
+    ("switch:0.25:cond", "SwitchPlan", {"fraction": 0.25, "late": "cond"}),
+    ("step:7", "StepPlan", {"step": 7, "late": "uncond"}),
+    ("timestep:500", "TimestepPlan", {"timestep": 500.0}),
+    ("interval:0.2:0.6", "IntervalPlan", {"start": 0.2, "end": 0.6}),
+    ("adaptive:0.9997:min=0.2:cond", "AdaptivePlan", {"threshold": 0.9997, "min_share": 0.2, "late": "cond"}),
+])
+def test_each_plan_kind_is_its_own_class_with_named_fields(text, cls_name, fields):
+    import cfgswitch.plans as plans
+
+    p = GuidancePlan.parse(text)
+    assert type(p).__name__ == cls_name and isinstance(p, GuidancePlan)
+    assert plans.PLAN_KINDS[p.kind] is type(p)  # the registry names each kind once
+    for name, value in fields.items():
+        assert getattr(p, name) == value
+    assert not hasattr(p, "a") and not hasattr(p, "b")
+    assert GuidancePlan.parse(str(p)) == p and str(p) == text
+
+
+def test_plan_kinds_registry_matches_the_grammar():
+    from cfgswitch.plans import PLAN_GRAMMAR, PLAN_KINDS
+
+    assert sorted(PLAN_KINDS) == sorted(["always", "switch", "step", "timestep", "interval", "adaptive"])
+    for kind in PLAN_KINDS:
+        assert kind in PLAN_GRAMMAR
+    assert GuidancePlan.switch_at(0.5) != GuidancePlan.switch_at_step(15)  # different kinds never compare equal
