@@ -76,34 +76,20 @@ def count_parameters(config: Dict[str, Any]) -> int:
     return sum(p.numel() for p in unet.parameters())
 
 
-class AddedCondUNet(torch.nn.Module):
-    """A UNet whose SDXL added conditioning (pooled text embeddings, time ids) is bound, one row per call row.
+def added_conditioning(pooled_width: Optional[int], batch: int, height: int, width: int, device: torch.device,
+                       dtype: torch.dtype, seed: int = 1) -> Dict[str, torch.Tensor]:
+    """SDXL's added conditioning of ``batch`` images: random pooled ``text_embeds`` and the size ``time_ids``.
 
-    With ``pooled_width=None`` (SD 1.x) it passes calls through unchanged.
+    Empty for a model without added conditioning (``pooled_width=None``, SD 1.x). The runtime
+    carries these through :class:`cfgswitch.conditioning.Conditioning` to the UNet's
+    ``added_cond_kwargs``, as an SDXL pipeline does.
     """
-
-    def __init__(self, unet: torch.nn.Module, pooled_width: Optional[int], height: int, width: int) -> None:
-        super().__init__()
-        self.unet = unet
-        self.config = unet.config
-        self.text_embeds = self.time_ids = None
-        if pooled_width is not None:
-            p = next(unet.parameters())
-            gen = torch.Generator("cpu").manual_seed(1)
-            self.text_embeds = torch.randn((1, pooled_width), generator=gen).to(p.device, p.dtype)
-            self.time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=p.dtype, device=p.device)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, return_dict: bool = False):
-        kwargs = {}
-        if self.text_embeds is not None:
-            rows = sample.shape[0]
-            kwargs["added_cond_kwargs"] = {"text_embeds": self.text_embeds.expand(rows, -1), "time_ids": self.time_ids.expand(rows, -1)}
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **kwargs)
+    if pooled_width is None:
+        return {}
+    gen = torch.Generator("cpu").manual_seed(seed)
+    return {"text_embeds": torch.randn((batch, pooled_width), generator=gen).to(device, dtype),
+            "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch, dtype=dtype, device=device)}
 
 
-__all__ = ["AddedCondUNet", "MODELS", "SD15_UNET", "SDXL_UNET", "TINY_MODELS",
+__all__ = ["MODELS", "added_conditioning", "SD15_UNET", "SDXL_UNET", "TINY_MODELS",
            "build_unet", "count_parameters"]

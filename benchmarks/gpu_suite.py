@@ -55,7 +55,7 @@ import torch  # noqa: E402
 
 from cfgswitch.benchmarks.derive import derive  # noqa: E402
 from cfgswitch.benchmarks.gpu_models import (  # noqa: E402
-    MODELS, TINY_MODELS, AddedCondUNet, build_unet, count_parameters)
+    MODELS, TINY_MODELS, added_conditioning, build_unet, count_parameters)
 from cfgswitch.benchmarks.machine import machine_info, scrub_paths  # noqa: E402
 from cfgswitch.benchmarks.measure import RoleInputs, interleaved, time_roles  # noqa: E402
 
@@ -78,9 +78,14 @@ def _runners(unet: Any, device: torch.device, dtype: torch.dtype, mode: str = "e
                    backend="torch", device=device, dtype=dtype)
 
 
-def diffusers_loop(unet: AddedCondUNet, scheduler_config: Dict, plan: str, latents0: torch.Tensor, cond: torch.Tensor,
-                   uncond: torch.Tensor, steps: int, guidance: float) -> Dict[str, float]:
-    """The loop of diffusers' ``StableDiffusionPipeline`` (cat, UNet, chunk, combine, step), CFG cut off as its callback does."""
+def diffusers_loop(unet: Any, scheduler_config: Dict, plan: str, latents0: torch.Tensor, cond: torch.Tensor,
+                   uncond: torch.Tensor, steps: int, guidance: float,
+                   added: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
+    """The loop of diffusers' pipelines (cat, UNet, chunk, combine, step), CFG cut off as its callback does.
+
+    ``added`` is SDXL's added conditioning of the B images (the same for both halves, as the
+    suite draws it), passed as ``added_cond_kwargs`` the way ``StableDiffusionXLPipeline`` does.
+    """
     from cfgswitch.benchmarks.baseline import baseline_switch_step
     from cfgswitch.schedulers import make_scheduler
 
@@ -89,6 +94,7 @@ def diffusers_loop(unet: AddedCondUNet, scheduler_config: Dict, plan: str, laten
     sched.set_timesteps(steps, device=device)
     k = baseline_switch_step(plan, steps)
     embeds = torch.cat([uncond, cond])
+    added_both = {n: torch.cat([t, t]) for n, t in (added or {}).items()}
     latents = latents0 * sched.init_noise_sigma
     _sync(device)
     start = time.perf_counter()
@@ -97,7 +103,8 @@ def diffusers_loop(unet: AddedCondUNet, scheduler_config: Dict, plan: str, laten
             cfg = i < k
             x = torch.cat([latents] * 2) if cfg else latents
             x = sched.scale_model_input(x, t)
-            eps = unet(x, t, embeds if cfg else uncond)[0]
+            kwargs = {"added_cond_kwargs": added_both if cfg else dict(added)} if added else {}
+            eps = unet(x, t, encoder_hidden_states=embeds if cfg else uncond, return_dict=False, **kwargs)[0]
             if cfg:
                 u, c = eps.chunk(2)
                 eps = u + guidance * (c - u)
@@ -115,6 +122,7 @@ def _sync(device: torch.device) -> None:
 def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, deadline: float,
               notes: List[str]) -> Dict[str, Any]:
     """Every variant, plan and batch of one model, interleaved; the raw results with ``derived``."""
+    from cfgswitch.conditioning import TEXT, Conditioning
     from cfgswitch.loop import LoopRequest, denoise
     from cfgswitch.plans import GuidancePlan
     from cfgswitch.timing import StageTimer
@@ -126,7 +134,6 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     unet = build_unet(config, device, dtype)
     factor = 8
     lat = side // factor
-    wrapped = AddedCondUNet(unet, pooled, side, side)
     variants = [v for v in args.variants if v in VARIANTS]
     if "compile" in variants and name not in args.compile_models.split(","):
         variants.remove("compile")
@@ -137,12 +144,18 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
                 variants.remove(v)
                 notes.append(f"{name}: variant {v} needs CUDA: not run on {device.type}")
     modes = ["eager"] + [v for v in ("graphs", "compile") if v in variants]
-    runners = {v: _runners(wrapped, device, dtype, mode=v) for v in modes}
+    runners = {v: _runners(unet, device, dtype, mode=v) for v in modes}
     text_width, gen = config["cross_attention_dim"], torch.Generator("cpu").manual_seed(0)
     max_b = max(args.batch)
     cond_all = torch.randn((max_b, 77, text_width), generator=gen).to(device, dtype)
     uncond_all = torch.randn((max_b, 77, text_width), generator=gen).to(device, dtype)
     latents_all = torch.randn((max_b, 4, lat, lat), generator=gen).to(device, dtype)
+    added_all = added_conditioning(pooled, max_b, side, side, device, dtype)  # SDXL: text_embeds, time_ids
+
+    def conditioning(b: int) -> Conditioning:
+        """The B images' conditioning, as the runtime carries it (added names beside the text)."""
+        extra = {n: t[:b] for n, t in added_all.items()}
+        return Conditioning({TEXT: uncond_all[:b], **extra}, {TEXT: cond_all[:b], **extra})
 
     cells: List[Dict[str, Any]] = []
     for b in args.batch:
@@ -161,11 +174,12 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
             cell["skipped_rounds"] += 1
             return
         if cell["variant"] == "diffusers":
-            timings = diffusers_loop(wrapped, SD_SCHEDULER_CONFIG, cell["plan"], latents_all[:b], cond_all[:b],
-                                     uncond_all[:b], args.steps, args.guidance)
+            timings = diffusers_loop(unet, SD_SCHEDULER_CONFIG, cell["plan"], latents_all[:b], cond_all[:b],
+                                     uncond_all[:b], args.steps, args.guidance,
+                                     {n: t[:b] for n, t in added_all.items()})
         else:
             timer = StageTimer(device)
-            req = LoopRequest(cond=cond_all[:b], uncond=uncond_all[:b], steps=args.steps, guidance_scale=args.guidance,
+            req = LoopRequest(conditioning=conditioning(b), steps=args.steps, guidance_scale=args.guidance,
                               scheduler="ddim", plan=GuidancePlan.parse(cell["plan"]), seeds=list(range(b)),
                               latent_shape=(4, lat, lat))
             start = time.perf_counter()
@@ -188,8 +202,12 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     mid = torch.tensor(500.0, device=device)
     for v, r in runners.items():
         for b in args.batch:
-            inputs = RoleInputs(sample=latents_all[:b], timestep=mid.expand(b), both=torch.cat([uncond_all[:b], cond_all[:b]]),
-                                late=uncond_all[:b], weights=torch.full((b,), args.guidance, device=device))
+            cb = conditioning(b)
+            both, late = cb.both(), cb.late("uncond")
+            inputs = RoleInputs(sample=latents_all[:b], timestep=mid.expand(b), both=both[TEXT], late=late[TEXT],
+                                weights=torch.full((b,), args.guidance, device=device),
+                                added_both={n: t for n, t in both.items() if n != TEXT} or None,
+                                added_late={n: t for n, t in late.items() if n != TEXT} or None)
             n = args.role_repeat if time.perf_counter() < deadline else 2  # past the budget: a short check only
             c, late = time_roles(SimpleNamespace(runners=r), inputs, n)
             role_costs.append({"backend": f"torch-{v}", "batch": b, "cfg_s": c, "late_s": late})

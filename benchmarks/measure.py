@@ -47,6 +47,9 @@ class RoleInputs:
     both: torch.Tensor
     late: torch.Tensor
     weights: torch.Tensor
+    #: added conditioning (SDXL) of the CFG role's 2B rows and of the late role's B rows, by name
+    added_both: Optional[Dict[str, torch.Tensor]] = None
+    added_late: Optional[Dict[str, torch.Tensor]] = None
 
 
 def role_inputs(sampler, prompts: Sequence[str], steps: int, scheduler: str, guidance_scale: float,
@@ -78,11 +81,14 @@ def time_roles(sampler, inputs: RoleInputs, repeat: int, warmup: int = 1) -> Tup
     device = sampler.runners.device
     cfg_runner, late_runner = sampler.runners.unet_cfg, sampler.runners.unet
 
+    cfg_kw = {"added": inputs.added_both} if inputs.added_both else {}
+    late_kw = {"added": inputs.added_late} if inputs.added_late else {}
+
     def cfg_call() -> None:
-        cfg_runner.predict_guided(inputs.sample, inputs.timestep, inputs.both, inputs.weights)
+        cfg_runner.predict_guided(inputs.sample, inputs.timestep, inputs.both, inputs.weights, **cfg_kw)
 
     def late_call() -> None:
-        late_runner.predict(inputs.sample, inputs.timestep, inputs.late)
+        late_runner.predict(inputs.sample, inputs.timestep, inputs.late, **late_kw)
 
     for _ in range(warmup):
         cfg_call()

@@ -18,16 +18,27 @@ def test_full_size_configs_have_the_published_parameter_counts():
     assert gpu_models.count_parameters(gpu_models.SDXL_UNET) == 2_567_463_684
 
 
-def test_added_cond_unet_binds_sdxl_conditioning_per_row():
+def test_sdxl_cell_runs_the_runtime_with_added_conditioning():
+    """The SDXL cell's UNet gets text_embeds and time_ids through the runtime's own runner, as diffusers' UNet takes them."""
+    from cfgswitch.conditioning import TEXT, Conditioning
+    from cfgswitch.runners.torch_runners import TorchGuidedUNet, TorchUNet
+
     unet = gpu_models.build_unet(gpu_models.TINY_SDXL_UNET, torch.device("cpu"), torch.float32)
-    wrapped = gpu_models.AddedCondUNet(unet, 32, 64, 64)
-    x, ehs = torch.randn(3, 4, 8, 8), torch.randn(3, 77, 32)
-    out = wrapped(x, torch.tensor(500.0), ehs)[0]
-    assert out.shape == (3, 4, 8, 8)
-    direct = unet(x, torch.tensor(500.0), encoder_hidden_states=ehs, added_cond_kwargs={
-        "text_embeds": wrapped.text_embeds.expand(3, -1), "time_ids": wrapped.time_ids.expand(3, -1)}).sample
-    assert torch.equal(out, direct)
-    assert wrapped.time_ids.tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]
+    added = gpu_models.added_conditioning(32, 3, 64, 64, torch.device("cpu"), torch.float32)
+    assert added["time_ids"].tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 3
+    assert added["text_embeds"].shape == (3, 32)
+    assert gpu_models.added_conditioning(None, 3, 64, 64, torch.device("cpu"), torch.float32) == {}
+    x, u, c = torch.randn(3, 4, 8, 8), torch.randn(3, 77, 32), torch.randn(3, 77, 32)
+    cond = Conditioning({TEXT: u, **added}, {TEXT: c, **added})
+    both = cond.both()
+    t = torch.full((3,), 500.0)
+    runner = TorchGuidedUNet(TorchUNet(unet))
+    pair = runner.predict_pair(x, t, both[TEXT], {k: v for k, v in both.items() if k != TEXT})
+    with torch.no_grad():
+        ref = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([u, c]),
+                   added_cond_kwargs={"text_embeds": torch.cat([added["text_embeds"]] * 2),
+                                      "time_ids": torch.cat([added["time_ids"]] * 2)}).sample
+    assert torch.allclose(pair, ref, atol=1e-6, rtol=0)
 
 
 def test_full_run_without_cuda_says_so(capsys):
