@@ -93,33 +93,13 @@ def check_args(args: argparse.Namespace) -> Path:
 
 def _load(args: argparse.Namespace):
     """The sampler, with ``--threads``, ``--device``, ``--dtype`` and ``--mode`` passed to a backend that takes them."""
-    from .backends.registry import get_backend
+    from .backends.registry import load_options
     from .default_model import resolve_model
-    from .errors import InvalidArgumentError
     from .sampler import Sampler
 
     path = resolve_model(args.model)
-    backend = args.backend
-    if backend is None:
-        if (path / "manifest.json").is_file():
-            from .bundle import read_manifest
-            from .bundle_loading import pick_backend
-
-            backend = pick_backend(read_manifest(path))[0]
-        else:
-            backend = "torch"
-    entry = get_backend(backend)
-    options = {}
-    if args.threads is not None and "threads" in entry.options:
-        options["threads"] = args.threads
-    for name in ("device", "dtype", "mode"):
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if name not in entry.options:
-            raise InvalidArgumentError(f"--{name}", f"the torch backend (backend {backend!r} takes "
-                                       f"{', '.join(entry.options)})", value)
-        options[name] = value
+    backend, options = load_options(path, args.backend, args.threads, device=getattr(args, "device", None),
+                                    dtype=getattr(args, "dtype", None), mode=getattr(args, "mode", None))
     return Sampler.load(path, backend=backend, **options)
 
 

@@ -209,5 +209,45 @@ def importable(module: Optional[str]) -> bool:
         return False
 
 
+def load_options(model: "str | Path", backend: Optional[str], threads: Optional[int] = None,
+                 **extra: Any) -> Tuple[str, Dict[str, Any]]:
+    """``(backend, options)`` for loading ``model`` from a command line (``generate``, ``serve``).
+
+    The backend is ``backend``, else for a bundle the automatic pick
+    (:func:`cfgswitch.backends.assembly.pick_backend`), else ``torch``. ``threads`` is passed
+    only to a backend that takes it (every backend honours the process's torch threads
+    otherwise); each of ``extra`` that is not ``None`` (``device``, ``dtype``, ``mode``) must be
+    an option of that backend.
+
+    Raises:
+        InvalidArgumentError: an option the backend does not take (named as its flag ``--NAME``).
+    """
+    from pathlib import Path
+
+    path = Path(model)
+    resolved = backend
+    if resolved is None:
+        if (path / "manifest.json").is_file():
+            from ..bundle import read_manifest
+            from .assembly import pick_backend
+
+            resolved = pick_backend(read_manifest(path))[0]
+        else:
+            resolved = "torch"
+    entry = get_backend(resolved)
+    options: Dict[str, Any] = {}
+    if threads is not None and "threads" in entry.options:
+        options["threads"] = threads
+    for name, value in extra.items():
+        if value is None:
+            continue
+        if name not in entry.options:
+            raise InvalidArgumentError(f"--{name}", f"the torch backend (backend {resolved!r} takes "
+                                       f"{', '.join(entry.options)})", value)
+        options[name] = value
+    return resolved, options
+
+
 __all__ = ["BACKENDS", "BackendEntry", "SOURCES", "backend_names", "check_options", "get_backend", "importable",
+           "load_options",
            "register", "spell_names"]
