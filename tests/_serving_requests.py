@@ -1,4 +1,4 @@
-"""A serving request as Triton hands it to a model: every input ``[b, 1]`` (shared by the serving tests)."""
+"""A serving request as Triton hands it to a model: every input ``[b, 1]``, SDXL's sizes ``[b, 2]`` (shared by the serving tests)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 
 
 def req(**cols):
-    """A request as Triton hands it over: every input ``[b, 1]``."""
+    """A request as Triton hands it over: every input ``[b, 1]`` (the size inputs ``[b, 2]``)."""
     out = {}
     for name, vals in cols.items():
         if name in ("prompt", "negative_prompt", "plan", "scheduler"):
@@ -15,6 +15,8 @@ def req(**cols):
             out[name] = np.array(vals, dtype=np.int64).reshape(-1, 1)
         elif name == "guidance_scale":
             out[name] = np.array(vals, dtype=np.float32).reshape(-1, 1)
+        elif name in ("original_size", "target_size", "crops_coords_top_left"):
+            out[name] = np.array(vals, dtype=np.int32).reshape(-1, 2)
         else:
             out[name] = np.array(vals, dtype=np.int32).reshape(-1, 1)
     return out

@@ -21,6 +21,7 @@ def test_defaults_fill_in():
     assert (job.prompt, job.negative_prompt, job.seed) == ("a cat", "", 4)
     k = job.key
     assert (k.steps, k.height, k.width, k.scheduler, k.plan, k.guidance_scale) == (3, 16, 16, "ddim", "switch:0.5", 7.5)
+    assert k.no_negative and k.negatives([job]) is None and k.sizes == ()
 
 
 def test_missing_seed_draws_one_per_image():

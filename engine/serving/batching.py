@@ -24,7 +24,7 @@ from ..plans import GuidancePlan
 from ..schedulers import scheduler_class_name
 from ..validation import MAX_SEED, check_size
 from .limits import ServeLimits
-from .protocol import INPUTS
+from .protocol import INPUTS, SIZE_INPUTS
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ _OPTIONAL = {t.name for t in INPUTS if t.optional}
 _KNOWN = {t.name for t in INPUTS}
 _KIND = {"BYTES": "a UTF-8 string (BYTES)", "INT64": "an integer (INT64)", "INT32": "an integer (INT32)", "FP32": "a float (FP32)"}
 _DTYPE = {t.name: t.triton_dtype for t in INPUTS}
+_WIDTH = {t.name: t.dims[0] for t in INPUTS}
 
 
 class RequestError(CfgSwitchError):
@@ -48,6 +49,19 @@ class GroupKey:
     scheduler: str
     plan: str
     guidance_scale: float
+    #: SDXL's size conditioning given by the request: ``((name, (a, b)), ...)`` (empty: the defaults)
+    sizes: Tuple[Tuple[str, Tuple[int, int]], ...] = ()
+    #: no negative prompt was sent: ``generate`` gets ``None`` (SDXL then uses zero embeddings,
+    #: ``force_zeros_for_empty_prompt``, as diffusers does; SD 1.x/2.x encode ``""`` either way)
+    no_negative: bool = False
+
+    def size_kwargs(self) -> Dict[str, Tuple[int, int]]:
+        """The size conditioning as ``generate`` / ``submit`` keywords."""
+        return dict(self.sizes)
+
+    def negatives(self, jobs: Sequence["ImageJob"]) -> Optional[List[str]]:
+        """The negative prompts of a group's images for ``generate`` / ``submit`` (``None``: none sent)."""
+        return None if self.no_negative else [j.negative_prompt for j in jobs]
 
 
 @dataclass(frozen=True)
@@ -61,22 +75,23 @@ class ImageJob:
 
 
 def _column(data: Mapping[str, Any], name: str, rows: Optional[int]) -> Optional[np.ndarray]:
-    """Input ``name`` as a ``[rows]`` array (``None`` when an optional input is absent)."""
+    """Input ``name`` as a ``[rows]`` array, or ``[rows, 2]`` for a size input (``None`` when an optional input is absent)."""
     arr = data.get(name)
+    width = _WIDTH[name]
     if arr is None:
         if name in _OPTIONAL:
             return None
-        raise InvalidArgumentError(name, f"an input {name!r} ({_KIND[_DTYPE[name]]}, shape [batch, 1])", "no such input")
+        raise InvalidArgumentError(name, f"an input {name!r} ({_KIND[_DTYPE[name]]}, shape [batch, {width}])", "no such input")
     arr = np.asarray(arr)
-    if arr.ndim != 2 or arr.shape[1] != 1 or arr.shape[0] < 1 or (rows is not None and arr.shape[0] != rows):
-        want = f"[{rows}, 1]" if rows is not None else "[batch, 1]"
+    if arr.ndim != 2 or arr.shape[1] != width or arr.shape[0] < 1 or (rows is not None and arr.shape[0] != rows):
+        want = f"[{rows}, {width}]" if rows is not None else f"[batch, {width}]"
         raise InvalidArgumentError(name, f"shape {want}", list(arr.shape))
     kind = _DTYPE[name]
     ok = (arr.dtype.kind in "OSU") if kind == "BYTES" else (
         arr.dtype == np.float32 if kind == "FP32" else arr.dtype.kind in "iu")
     if not ok:
         raise InvalidArgumentError(name, _KIND[kind], f"dtype {arr.dtype}")
-    return arr[:, 0]
+    return arr[:, 0] if width == 1 else arr
 
 
 def _text(name: str, value: Any, limits: ServeLimits) -> str:
@@ -148,7 +163,8 @@ def parse_request(data: Mapping[str, Any], *, limits: ServeLimits, default_size:
 
         sfx = f"[{i}]" if rows > 1 else ""
         prompt = _text("prompt" + sfx, prompts[i], limits)
-        negative = _text("negative_prompt" + sfx, get("negative_prompt", b""), limits)
+        negative_raw = get("negative_prompt", None)
+        negative = "" if negative_raw is None else _text("negative_prompt" + sfx, negative_raw, limits)
         seed = get("seed", None)
         seed = secrets.randbelow(2**31) if seed is None else _int("seed" + sfx, seed, 0, MAX_SEED)
         steps = _int("steps" + sfx, get("steps", limits.default_steps), 1, limits.max_steps, " (the server's --max-steps)")
@@ -170,7 +186,13 @@ def parse_request(data: Mapping[str, Any], *, limits: ServeLimits, default_size:
         if jobs and (height, width) != (jobs[0].key.height, jobs[0].key.width):
             raise InvalidArgumentError("height" + sfx, f"the size of image 0 ({jobs[0].key.height}x{jobs[0].key.width}): "
                                        "the images of one request share a size", f"{height}x{width}")
-        key = GroupKey(steps, height, width, scheduler, plan, guidance)
+        sizes = []
+        for name in SIZE_INPUTS:
+            pair = get(name, None)
+            if pair is not None:
+                lo = 0 if name == "crops_coords_top_left" else 1
+                sizes.append((name, (_int(f"{name}{sfx}[0]", pair[0], lo, 1 << 20), _int(f"{name}{sfx}[1]", pair[1], lo, 1 << 20))))
+        key = GroupKey(steps, height, width, scheduler, plan, guidance, tuple(sizes), negative_raw is None)
         jobs.append(ImageJob(prompt, negative, seed, key))
     return jobs
 
@@ -256,10 +278,11 @@ def run_batch(sampler: Any, parsed: Sequence[Sequence[ImageJob]], max_batch: int
         jobs = [m[2] for m in members]
         try:
             out = sampler.generate(
-                [j.prompt for j in jobs], [j.negative_prompt for j in jobs], steps=key.steps,
+                [j.prompt for j in jobs], key.negatives(jobs), steps=key.steps,
                 guidance_scale=key.guidance_scale, scheduler=key.scheduler, plan=key.plan, seed=[j.seed for j in jobs],
                 height=key.height, width=key.width, output_type="np",
                 max_image_side=max(key.height, key.width),  # checked against the server's own limit already
+                **key.size_kwargs(),
             )
         except CfgSwitchError as e:
             for r, _, _ in members:

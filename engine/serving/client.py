@@ -86,7 +86,7 @@ def build_inputs(module: Any, values: Dict[str, Sequence[Any]]) -> List[Any]:
         if info.triton_dtype == "BYTES":
             arr = np.array([[v.encode("utf-8") if isinstance(v, str) else v] for v in column], dtype=np.object_)
         else:
-            arr = np.asarray(column, dtype=info.numpy_dtype).reshape(-1, 1)
+            arr = np.asarray(column, dtype=info.numpy_dtype).reshape(-1, info.dims[0])
         inp = module.InferInput(name, list(arr.shape), info.triton_dtype)
         inp.set_data_from_numpy(arr)
         inputs.append(inp)
@@ -174,10 +174,14 @@ class ServingClient:
     def generate(self, prompt: Union[str, Sequence[str]], *, negative_prompt: Union[None, str, Sequence[str]] = None,
                  seed: Union[None, int, Sequence[int]] = None, steps: Optional[int] = None,
                  guidance_scale: Optional[float] = None, plan: Optional[str] = None, scheduler: Optional[str] = None,
-                 height: Optional[int] = None, width: Optional[int] = None) -> Union[ServedImage, List[ServedImage]]:
+                 height: Optional[int] = None, width: Optional[int] = None,
+                 original_size: Optional[Sequence[Any]] = None, target_size: Optional[Sequence[Any]] = None,
+                 crops_coords_top_left: Optional[Sequence[Any]] = None) -> Union[ServedImage, List[ServedImage]]:
         """Generate one image (a string prompt) or one per prompt (a list); ``None`` leaves the server's default.
 
-        An int ``seed`` with a list of prompts gives image ``i`` the seed ``seed + i``.
+        An int ``seed`` with a list of prompts gives image ``i`` the seed ``seed + i``. SDXL's size
+        conditioning (``original_size``, ``target_size``, ``crops_coords_top_left``) is one
+        ``(a, b)`` pair for every image or a list of pairs, one per image.
         """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
@@ -191,10 +195,19 @@ class ServingClient:
             return [value] * n
 
         seeds = [seed + i for i in range(n)] if isinstance(seed, int) else col(seed)
+
+        def pairs(value: Any) -> Optional[List[Any]]:
+            if value is None:
+                return None
+            if len(value) and isinstance(value[0], (list, tuple)):
+                return [list(v) for v in value]
+            return [list(value)] * n
+
         out = self.infer({
             "prompt": prompts, "negative_prompt": col(negative_prompt), "seed": seeds, "steps": col(steps),
             "guidance_scale": col(guidance_scale), "plan": col(plan), "scheduler": col(scheduler),
-            "height": col(height), "width": col(width),
+            "height": col(height), "width": col(width), "original_size": pairs(original_size),
+            "target_size": pairs(target_size), "crops_coords_top_left": pairs(crops_coords_top_left),
         })
         images = [ServedImage(out["image"][i], int(out["cfg_steps"][i, 0]), int(out["late_steps"][i, 0])) for i in range(n)]
         return images[0] if single else images

@@ -76,10 +76,11 @@ class EngineFeeder:
             for key, members in _groups(request.jobs).items():
                 jobs = [j for _, j in members]
                 fut = self.engine.submit(
-                    [j.prompt for j in jobs], [j.negative_prompt for j in jobs], steps=key.steps,
+                    [j.prompt for j in jobs], key.negatives(jobs), steps=key.steps,
                     guidance_scale=key.guidance_scale, scheduler=key.scheduler, plan=key.plan,
                     seed=[j.seed for j in jobs], height=key.height, width=key.width, output_type="np",
                     max_image_side=max(key.height, key.width),  # checked against the server's own limit already
+                    **key.size_kwargs(),
                 )
                 parts.append(([r for r, _ in members], fut))
         except Exception as e:  # noqa: BLE001 - refused by the engine (queue full, closed): this request alone

@@ -1,8 +1,9 @@
 """The tensors of the served model, one table for the server, the repository and the client.
 
 Every input carries a leading batch axis (Triton's ``max_batch_size > 0``): a request of
-``b`` images sends each input with shape ``[b, 1]``; one image is ``[1, 1]``. Row ``i`` of
-every input belongs to image ``i``. Outputs: ``image`` ``[b, H, W, 3]`` (uint8),
+``b`` images sends each input with shape ``[b, 1]``; one image is ``[1, 1]``. SDXL's size
+conditioning inputs (``original_size``, ``target_size``, ``crops_coords_top_left``) carry two
+ints per image: ``[b, 2]``. Row ``i`` of every input belongs to image ``i``. Outputs: ``image`` ``[b, H, W, 3]`` (uint8),
 ``cfg_steps`` and ``late_steps`` ``[b, 1]`` (int32).
 """
 
@@ -47,7 +48,7 @@ _NUMPY = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.
 
 INPUTS: Tuple[TensorInfo, ...] = (
     TensorInfo("prompt", "BYTES", (1,), False, "the prompt, UTF-8"),
-    TensorInfo("negative_prompt", "BYTES", (1,), True, "the negative prompt, UTF-8 (default: empty)"),
+    TensorInfo("negative_prompt", "BYTES", (1,), True, "the negative prompt, UTF-8 (default: none, which SD encodes as empty and SDXL as zeros)"),
     TensorInfo("seed", "INT64", (1,), True, "the image's seed (default: a random one)"),
     TensorInfo("steps", "INT32", (1,), True, "denoising steps (default: 30)"),
     TensorInfo("guidance_scale", "FP32", (1,), True, "CFG weight w (default: 7.5)"),
@@ -55,7 +56,14 @@ INPUTS: Tuple[TensorInfo, ...] = (
     TensorInfo("scheduler", "BYTES", (1,), True, "scheduler name (default: ddim)"),
     TensorInfo("height", "INT32", (1,), True, "image height in pixels (default: the model's)"),
     TensorInfo("width", "INT32", (1,), True, "image width in pixels (default: the model's)"),
+    TensorInfo("original_size", "INT32", (2,), True,
+               "SDXL only: (height, width) the image is said to come from (default: the image size)"),
+    TensorInfo("target_size", "INT32", (2,), True, "SDXL only: (height, width) of the target (default: the image size)"),
+    TensorInfo("crops_coords_top_left", "INT32", (2,), True, "SDXL only: (top, left) of the crop (default: 0, 0)"),
 )
+
+#: The inputs of SDXL's size conditioning (two ints per image each), sent to ``generate`` by name.
+SIZE_INPUTS: Tuple[str, ...] = ("original_size", "target_size", "crops_coords_top_left")
 
 OUTPUTS: Tuple[TensorInfo, ...] = (
     TensorInfo("image", "UINT8", (-1, -1, 3), False, "the image, HxWx3 RGB"),
@@ -66,4 +74,5 @@ OUTPUTS: Tuple[TensorInfo, ...] = (
 INPUT_NAMES: Tuple[str, ...] = tuple(t.name for t in INPUTS)
 OUTPUT_NAMES: Tuple[str, ...] = tuple(t.name for t in OUTPUTS)
 
-__all__ = ["INPUTS", "INPUT_NAMES", "MODEL_NAME", "OUTPUTS", "OUTPUT_NAMES", "PIPELINE_MODEL_NAME", "TensorInfo"]
+__all__ = ["INPUTS", "INPUT_NAMES", "MODEL_NAME", "OUTPUTS", "OUTPUT_NAMES", "PIPELINE_MODEL_NAME", "SIZE_INPUTS",
+           "TensorInfo"]
