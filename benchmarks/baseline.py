@@ -31,17 +31,21 @@ class CfgCutoffCallback:
     """
 
     tensor_inputs = ["prompt_embeds"]
+    #: An SDXL pipeline also halves its added conditioning (diffusers' own SDXL cutoff keeps ``[-1:]``).
+    sdxl_tensor_inputs = ["prompt_embeds", "add_text_embeds", "add_time_ids"]
 
-    def __init__(self, switch_step: int, late: str) -> None:
+    def __init__(self, switch_step: int, late: str, tensor_inputs: Optional[List[str]] = None) -> None:
         if switch_step < 1:
             raise ValueError(f"switch_step: expected >= 1 (a callback acts after a step), got {switch_step}")
         self.switch_step = switch_step
         self.late = late
+        self.tensor_inputs = list(tensor_inputs or self.tensor_inputs)
 
     def __call__(self, pipe, step_index: int, timestep, callback_kwargs: Dict[str, Any]) -> Dict[str, Any]:
         if step_index == self.switch_step - 1:
-            uncond, cond = callback_kwargs["prompt_embeds"].chunk(2)
-            callback_kwargs["prompt_embeds"] = cond if self.late == "cond" else uncond
+            for name in self.tensor_inputs:
+                uncond, cond = callback_kwargs[name].chunk(2)
+                callback_kwargs[name] = cond if self.late == "cond" else uncond
             pipe._guidance_scale = 0.0
         return callback_kwargs
 
@@ -65,22 +69,37 @@ def baseline_switch_step(plan: str, steps: int) -> Optional[int]:
 
 
 class DiffusersBaseline:
-    """A ``StableDiffusionPipeline`` over existing modules, timed per call.
+    """The model's diffusers pipeline over existing modules, timed per call.
+
+    ``StableDiffusionPipeline`` for SD 1.x/2.x; ``StableDiffusionXLPipeline`` when the modules
+    have a second text encoder (SDXL), with the cutoff halving its added conditioning too.
 
     Args:
-        modules (`dict`): ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` (``Sampler.modules``).
+        modules (`dict`): ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` (and SDXL's
+            ``text_encoder_2``, ``tokenizer_2``) as ``Sampler.modules`` holds them.
         scheduler_config (`dict`): the model's scheduler config.
         scheduler (`str`): scheduler name (:func:`cfgswitch.schedulers.make_scheduler`).
     """
 
     def __init__(self, modules: Dict[str, Any], scheduler_config: Dict[str, Any], scheduler: str) -> None:
-        from diffusers import StableDiffusionPipeline
+        sched = make_scheduler(scheduler, scheduler_config)
+        self.sdxl = modules.get("text_encoder_2") is not None
+        if self.sdxl:
+            from diffusers import StableDiffusionXLPipeline
 
-        self.pipe = StableDiffusionPipeline(
-            vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=modules["tokenizer"], unet=modules["unet"],
-            scheduler=make_scheduler(scheduler, scheduler_config), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
+            self.pipe = StableDiffusionXLPipeline(
+                vae=modules["vae"], text_encoder=modules["text_encoder"], text_encoder_2=modules["text_encoder_2"],
+                tokenizer=modules["tokenizer"], tokenizer_2=modules["tokenizer_2"], unet=modules["unet"], scheduler=sched,
+                force_zeros_for_empty_prompt=bool(modules.get("force_zeros_for_empty_prompt", True)),
+            )
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            self.pipe = StableDiffusionPipeline(
+                vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=modules["tokenizer"],
+                unet=modules["unet"], scheduler=sched, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False,
+            )
         self.pipe.set_progress_bar_config(disable=True)
         self.device = modules["unet"].device
 
@@ -92,7 +111,8 @@ class DiffusersBaseline:
             raise ValueError(f"plan: diffusers' CFG cutoff cannot run {plan!r}")
         callback = None
         if k < steps:
-            callback = CfgCutoffCallback(k, GuidancePlan.parse(plan).late)
+            callback = CfgCutoffCallback(k, GuidancePlan.parse(plan).late,
+                                         CfgCutoffCallback.sdxl_tensor_inputs if self.sdxl else None)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         cuda = self.device.type == "cuda"
         if cuda:
@@ -102,7 +122,7 @@ class DiffusersBaseline:
             out = self.pipe(
                 list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
                 height=height, width=width, output_type="np", callback_on_step_end=callback,
-                callback_on_step_end_tensor_inputs=["prompt_embeds"] if callback else ["latents"],
+                callback_on_step_end_tensor_inputs=callback.tensor_inputs if callback else ["latents"],
             )
         if cuda:
             torch.cuda.synchronize()

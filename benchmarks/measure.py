@@ -9,6 +9,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from cfgswitch.conditioning import TEXT
+from cfgswitch.request import check_size_conditioning
 from cfgswitch.schedulers import make_scheduler, set_timesteps
 
 
@@ -65,11 +67,14 @@ def role_inputs(sampler, prompts: Sequence[str], steps: int, scheduler: str, gui
     gen = torch.Generator("cpu").manual_seed(seed)
     latents = (torch.randn(shape, generator=gen, dtype=dtype) * sched.init_noise_sigma).to(device)
     sample = sched.scale_model_input(latents, t)
-    cond, _ = sampler.encode_prompts(list(prompts))
-    uncond, _ = sampler.encode_prompts([""] * batch)
+    sizes = check_size_conditioning(sampler.spec, {}, height, width)  # SDXL's defaults; None for SD 1.x/2.x
+    conditioning, _ = sampler.encode_conditioning(list(prompts), [""] * batch, 1, negative_none=True, sizes=sizes)
+    both, late = conditioning.both(), conditioning.late("uncond")
     return RoleInputs(
-        sample=sample, timestep=t.to(device=device, dtype=torch.float32).expand(batch), both=torch.cat([uncond, cond]),
-        late=uncond, weights=torch.full((batch,), guidance_scale, dtype=torch.float32, device=device),
+        sample=sample, timestep=t.to(device=device, dtype=torch.float32).expand(batch), both=both[TEXT],
+        late=late[TEXT], weights=torch.full((batch,), guidance_scale, dtype=torch.float32, device=device),
+        added_both={k: v for k, v in both.items() if k != TEXT} or None,
+        added_late={k: v for k, v in late.items() if k != TEXT} or None,
     )
 
 
