@@ -47,8 +47,21 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: torch's own choice, capped at the idle cores)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--suite", default="plans", choices=("plans", "serving"),
-                   help="plans: every plan against diffusers; serving: the step engine under open-loop load")
+    p.add_argument("--suite", default="plans", choices=("plans", "serving", "peers"),
+                   help="plans: every plan against diffusers; serving: the step engine under open-loop load; "
+                        "peers: the CPU peers (diffusers, optimum ORT, OpenVINO, DeepCache) beside cfgswitch")
+    peers = p.add_argument_group("peers suite (--peers, docs/benchmarks.md#peers)")
+    peers.add_argument("--peers", action="store_const", const="peers", dest="suite",
+                       help="same as --suite peers (default threads: 1)")
+    peers.add_argument("--peer-python", default=None, dest="peer_python", metavar="PATH",
+                       help="the Python whose environment has the peers (default: this one)")
+    peers.add_argument("--peer-cache", default=None, dest="peer_cache", metavar="DIR",
+                       help="folder of the exported bundle and the peers' exports (default: $CFGSWITCH_CACHE/bench-peers)")
+    peers.add_argument("--peer-systems", default=None, dest="peer_systems",
+                       help="comma-separated peers to run (default: all of diffusers, deepcache, diffusers+cutoff, "
+                            "optimum-ort, optimum-ort+cutoff, openvino-dynamic, openvino-static)")
+    peers.add_argument("--peer-plan", default="switch:0.5", dest="peer_plan",
+                       help="the switch plan of cfgswitch and of the peers' cutoff (default: switch:0.5)")
     from .engine_cli import add_arguments
 
     add_arguments(p)
@@ -83,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         from .engine_cli import run as run_serving
 
         return run_serving(args)
+    if getattr(args, "suite", "plans") == "peers":
+        from .peers import run_cli as run_peers
+
+        return run_peers(args)
     from .harness import run_benchmark
     from .report import QUALITY_NOTE, headline_table, plans_table, write_results
 

@@ -1,8 +1,9 @@
 """``cfgswitch serve`` attacked: bad values mixed into concurrent good load, an oversized prompt,
-SIGTERM with 8 requests in flight, a second SIGTERM. Two real Triton servers (PyTriton),
-127.0.0.1 only, with the default limits (max image side = 2 x the tiny model's 16 px, prompts
-of 2,048 bytes and 77 tokens): ``server`` for the load, the 200 MB prompts and the second SIGTERM (which stops it),
-``drain_server``, fresh, for SIGTERM with 8 requests in flight.
+SIGTERM with 8 requests in flight after heavy load, a second SIGTERM. Two real Triton servers
+(PyTriton), 127.0.0.1 only, with the default limits (max image side = 2 x the tiny model's 16 px,
+prompts of 2,048 bytes and 77 tokens, request bodies of 1 MiB): ``server`` for the load, the 200 MB
+prompts and the second SIGTERM (which stops it), ``drain_server`` for heavy load (good and refused
+requests), then SIGTERM with 8 requests in flight.
 
 Tolerances: good requests are checked against direct ``generate`` of the same image within one
 uint8 level (they run merged with others, whose batched float results differ by ~1e-6).
@@ -144,6 +145,26 @@ def test_bad_values_mixed_into_concurrent_good_load_fail_only_themselves(server,
     assert max(int(n) for n in __import__("re").findall(r"its UNet calls held up to (\d+) request", log)) > 1
 
 
+def test_the_proxy_patches_apply_to_the_installed_pytriton():
+    # cfgswitch serve loads PyTriton's proxy patched: errors answered as responses (not raised, which
+    # leaks in Triton's Python backend and blocked the unload), a 0.2 s shutdown poll, 10 s handshakes.
+    import pytriton
+
+    from cfgswitch.serving.server import patch_proxy_source
+
+    proxy = Path(pytriton.__file__).parent / "proxy"
+    model_py = patch_proxy_source("model.py", (proxy / "model.py").read_bytes())
+    communication = patch_proxy_source("communication.py", (proxy / "communication.py").read_bytes())
+    assert model_py is not None and communication is not None, "not the PyTriton 0.7 proxy the patches know"
+    compile(model_py, "model.py", "exec")
+    compile(communication, "communication.py", "exec")
+    assert b"raise triton_responses_or_error" not in model_py
+    assert b"return [pb_utils.InferenceResponse(error=pb_utils.TritonError(" in model_py
+    assert communication.count(b"flag_check_interval_s = 0.2") == 2 and b"timeout_s: float = 10.0" in communication
+    assert patch_proxy_source("data.py", b"anything") == b"anything"
+    assert patch_proxy_source("model.py", b"some other proxy") is None
+
+
 def test_missing_prompt_is_refused_with_a_typed_error(server):
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
@@ -156,14 +177,15 @@ def test_missing_prompt_is_refused_with_a_typed_error(server):
             client.infer("cfgswitch", build_inputs(http, {"seed": [1], "steps": [1]}))
     finally:
         client.close()
-    reason = ServingError(str(info.value.message())).args[0]
+    details = str(info.value.message())
+    reason = ServingError(details).args[0]
     assert reason.startswith("InvalidArgumentError: prompt: expected an input 'prompt'"), reason
+    assert details == reason, "the error came wrapped (PyTriton's proxy frame)"
 
 
 @pytest.fixture(scope="module")
 def drain_server(tiny_model_dir, tmp_path_factory):
-    """A fresh server for the drain test: the unload at shutdown takes longer the more a server's
-    PyTriton proxies have answered (see docs/serving.md), and the default drain timeout is the bar."""
+    """A second server for the drain test, which loads it heavily first (the default drain timeout is the bar)."""
     work = tmp_path_factory.mktemp("serve-drain")
     proc = start_serve(str(tiny_model_dir), work, ["--default-steps", "2", "--drain-timeout", str(DRAIN_S)])
     try:
@@ -190,40 +212,68 @@ def _session_rss_mb(server) -> float:
     return sum(_rss_kb(pid).get("VmRSS", 0) for pid in session_processes(server.proc.pid)) / 1024
 
 
-def _send_huge(server, mb: int) -> None:
+def _send_huge(server, mb: int, protocol: str, pattern: str) -> None:
     huge = "x" * (mb * 1024 * 1024)
-    with ServingClient(server.http_url, timeout_s=300) as client:
-        with pytest.raises(ServingError, match=rf"^InvalidArgumentError: prompt: expected at most 2048 bytes \(the "
-                           rf"server's --max-prompt-bytes\), got '{mb * 1024 * 1024} bytes' \(request id [0-9a-f]+\)$"):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with ServingClient(url, protocol=protocol, timeout_s=300) as client:
+        with pytest.raises(ServingError, match=pattern):
             client.generate(huge, seed=1, steps=1)
     del huge
     time.sleep(2.0)
 
 
 @pytest.mark.slow
-def test_200_mb_prompt_is_refused_and_the_serve_process_keeps_no_copy(server):
-    # Triton 2.51 (PyTriton 0.7) has no input-size limit: the body is read in full and passed through
-    # Triton's and PyTriton's shared-memory pools to this process, where the byte limit refuses it
-    # before any decoding. What cfgswitch controls, and checks here: the serve process keeps no copy
-    # (its own heap), and a second huge prompt grows the server by no more than the first did (the pools
-    # belong to the model instance that took the request: reused by it, one set per instance, no leak).
+def test_200_mb_prompt_over_http_is_refused_before_the_server_reads_it(server):
+    # The front on the public HTTP port refuses the body by its Content-Length (413, the limit
+    # named) before reading it: no process of the server grows. Whole server = the serve process,
+    # tritonserver, its Python-backend stubs and PyTriton's tensor store (the server's session).
     with ServingClient(server.http_url) as client:  # steady state first
         client.generate("warm", seed=1, steps=1)
-    serve_before = _rss_kb(server.proc.pid)
-    session_before = _session_rss_mb(server)
-    _send_huge(server, 200)
-    serve_after = _rss_kb(server.proc.pid)
-    session_after = _session_rss_mb(server)
-    _send_huge(server, 200)
-    session_again = _session_rss_mb(server)
+    time.sleep(1.0)
+    serve_before, session_before = _rss_kb(server.proc.pid), _session_rss_mb(server)
+    _send_huge(server, 200, "http", rf"^InvalidArgumentError: request: expected a body of at most 1048576 bytes \(the "
+               rf"server's --max-request-bytes\), got '\d+ bytes' \(request id [0-9a-f]+\)$")
+    serve_after, session_after = _rss_kb(server.proc.pid), _session_rss_mb(server)
+    with ServingClient(server.http_url) as client:  # still serving, on a new connection
+        assert client.generate("after", seed=2, steps=1).image.shape == (16, 16, 3)
+    log = server.log_text()
+    assert "refused: InvalidArgumentError: request: expected a body of at most 1048576 bytes" in log
+    serve_rise = (serve_after["VmRSS"] - serve_before["VmRSS"]) / 1024
+    session_rise = session_after - session_before
+    print(f"200 MB prompt over HTTP: whole server RSS {session_before:.0f} MB -> {session_after:.0f} MB "
+          f"({session_rise:+.1f} MB), serve process {serve_rise:+.1f} MB")
+    assert session_rise < 50, f"the server grew by {session_rise:.0f} MB"
+    assert serve_rise < 50, f"the serve process grew by {serve_rise:.0f} MB"
+
+
+@pytest.mark.slow
+def test_200_mb_prompt_over_grpc_is_refused_before_the_server_reads_it(server):
+    # The gRPC front's receive limit refuses the message by its length prefix, unbuffered
+    # (RESOURCE_EXHAUSTED, the limit in bytes named): no process of the server grows.
+    with ServingClient(server.grpc_url, protocol="grpc") as client:
+        client.generate("warm", seed=1, steps=1)
+    time.sleep(1.0)
+    serve_before, session_before = _rss_kb(server.proc.pid), _session_rss_mb(server)
+    _send_huge(server, 200, "grpc", r"Received message larger than max \(\d+ vs\. 1048576\)")
+    serve_after, session_after = _rss_kb(server.proc.pid), _session_rss_mb(server)
     with ServingClient(server.grpc_url, protocol="grpc") as client:  # still serving
         assert client.generate("after", seed=2, steps=1).image.shape == (16, 16, 3)
-    anon_rise = (serve_after["RssAnon"] - serve_before["RssAnon"]) / 1024
-    print(f"serve process heap (RssAnon) rise {anon_rise:.1f} MB; whole server session RSS {session_before:.0f} MB "
-          f"-> {session_after:.0f} MB after one 200 MB prompt -> {session_again:.0f} MB after a second")
-    assert anon_rise < 50, f"the serve process kept {anon_rise:.0f} MB"
-    first, second = session_after - session_before, session_again - session_after
-    assert second < first + 50, f"a second huge prompt grew the server by {second:.0f} MB, the first by {first:.0f} MB"
+    serve_rise = (serve_after["VmRSS"] - serve_before["VmRSS"]) / 1024
+    session_rise = session_after - session_before
+    print(f"200 MB prompt over gRPC: whole server RSS {session_before:.0f} MB -> {session_after:.0f} MB "
+          f"({session_rise:+.1f} MB), serve process {serve_rise:+.1f} MB")
+    assert session_rise < 50, f"the server grew by {session_rise:.0f} MB"
+    assert serve_rise < 50, f"the serve process grew by {serve_rise:.0f} MB"
+
+
+@pytest.mark.slow
+def test_a_prompt_under_the_request_limit_but_over_the_byte_limit_is_refused_by_the_model(server):
+    # 600 kB passes the fronts (1 MiB) and reaches the model's first check, which names its own limit.
+    for proto, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        with ServingClient(url, protocol=proto) as client:
+            with pytest.raises(ServingError, match=r"^InvalidArgumentError: prompt: expected at most 2048 bytes \(the "
+                               r"server's --max-prompt-bytes\), got '614400 bytes' \(request id [0-9a-f]+\)$"):
+                client.generate("x" * 614400, seed=1, steps=1)
 
 
 @pytest.mark.slow
@@ -260,8 +310,39 @@ def test_second_sigterm_stops_at_once(server):
     assert len(outcomes) == 4
 
 
-def test_zz_sigterm_with_8_in_flight_drains_and_exits_0(drain_server):
+def _heavy_load(server, good_per_client: int = 10, bad_per_client: int = 200) -> None:
+    """A server that has been working: 4 clients of good requests (HTTP and gRPC) while 2 clients
+    send refused ones, concurrently (40 good, 400 refused by default)."""
+    failures = []
+
+    def client_run(c, good):
+        proto = "http" if c % 2 == 0 else "grpc"
+        try:
+            with ServingClient(server.http_url if proto == "http" else server.grpc_url, protocol=proto) as client:
+                for k in range(good_per_client if good else bad_per_client):
+                    if good:
+                        client.generate(f"load {c}-{k}", seed=k, steps=1)
+                        continue
+                    try:
+                        client.infer(_all_nine("bad", 1, BAD_CASES[(c + k) % len(BAD_CASES)][0]))
+                        failures.append(f"bad request {c}-{k} was answered")
+                    except ServingError:
+                        pass
+        except Exception as e:  # noqa: BLE001 - reported below
+            failures.append(f"client {c}: {e!r}")
+
+    threads = [threading.Thread(target=client_run, args=(c, True)) for c in range(4)]
+    threads += [threading.Thread(target=client_run, args=(c, False)) for c in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert failures == [], failures
+
+
+def test_zz_sigterm_with_8_in_flight_after_heavy_load_drains_and_exits_0(drain_server):
     server = drain_server
+    _heavy_load(server)  # 40 good and 400 refused requests: before the fix, the unload then never finished
     answered, failures = {}, []
     go = threading.Barrier(9)
 
@@ -303,6 +384,7 @@ def test_zz_sigterm_with_8_in_flight_drains_and_exits_0(drain_server):
     assert took < DRAIN_S, f"exit took {took:.1f} s"
     assert "signal SIGTERM: draining" in log and "drained in" in log and "server stopped" in log
     assert "Non-graceful termination" not in log and "Exit timeout expired" not in log
-    assert "successfully unloaded 'cfgswitch'" in log
+    assert "successfully unloaded 'cfgswitch'" in log, "\n".join(steps[-14:])
+    assert "killed tritonserver" not in log, "the unload did not finish inside the budget"
     assert server.leftovers() == []
-    print(f"SIGTERM with 8 in flight: exit 0 after {took:.1f} s")
+    print(f"SIGTERM with 8 in flight after 40 good and 400 refused requests: exit 0 after {took:.1f} s")

@@ -22,13 +22,15 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import BackendUnavailableError, InvalidArgumentError
 from .admission import new_request_id, token_counter, validate_request, wire_error
 from .batching import run_batch
+from .front import DEFAULT_MAX_REQUEST_BYTES, GrpcSizeFront, RequestSizeFront, free_port
 from .limits import ServeLimits
 from .merger import RequestMerger
 from .process import descendants
@@ -43,6 +45,9 @@ DEFAULT_DRAIN_TIMEOUT_S = 20.0
 METRICS_LOG_S = 30.0
 #: Attempts to start Triton and load the model before ``serve`` gives up.
 START_ATTEMPTS = 3
+#: Seconds of the drain timeout kept for what follows Triton's exit (PyTriton's stop, the front,
+#: the interpreter's exit); Triton's unload gets the rest, then it is killed.
+EXIT_RESERVE_S = 2.5
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class ServeConfig:
             waits for the requests it holds, then unloads, within it).
         model_name (`str`, defaults to ``"cfgswitch"``): the Triton model name.
         instances (`int`, defaults to 4): Triton model instances, i.e. requests run (merged) at once;
-            more wait in Triton's queue. Each is one PyTriton proxy process and adds about 2 s to
+            more wait in Triton's queue. Each is one PyTriton proxy process and adds about 1 s to
             the unload at shutdown.
         drain_timeout_s (`float`, defaults to 20): how long the first SIGTERM waits for admitted requests.
         batching (`str`, defaults to ``"step"``): ``step`` feeds every admitted request to the
@@ -66,6 +71,11 @@ class ServeConfig:
             with the same settings (the earlier path).
         max_rows (`int`, optional): the step engine's UNet rows per call (default: twice
             ``--max-batch``, so the largest request fits guided).
+        max_request_bytes (`int`, defaults to 1 MiB): the largest request body (HTTP) or message
+            (gRPC). Fronts on ``http_port`` (:class:`~cfgswitch.serving.front.RequestSizeFront`, 413)
+            and ``grpc_port`` (:class:`~cfgswitch.serving.front.GrpcSizeFront`, ``RESOURCE_EXHAUSTED``)
+            refuse larger ones before reading them; Triton's HTTP and gRPC endpoints move to internal
+            127.0.0.1 ports. ``0``: no fronts, Triton listens on both ports itself.
     """
 
     host: str = "127.0.0.1"
@@ -79,6 +89,7 @@ class ServeConfig:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     batching: str = "step"
     max_rows: Optional[int] = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
 class SamplerModel:
@@ -200,6 +211,100 @@ def _tensors(infos, optional_ok: bool) -> list:
                    **({"optional": t.optional} if optional_ok else {})) for t in infos]
 
 
+#: Source patches for PyTriton 0.7's proxy files (copied into the model that Triton's Python backend
+#: runs), each ``(old, new, count)``:
+#:
+#: - ``model.py``: the proxy raises an infer function's error from ``execute``. Triton's Python
+#:   backend then leaks that execution's request/response state (triton-inference-server/server#7481:
+#:   its shared memory stays, and the model can no longer be unloaded, so a drain after refused
+#:   requests ended in "Exit timeout expired"). The documented workaround: return one error response
+#:   per request. The client also gets the one-line reason alone, without the proxy's traceback frame.
+#: - ``communication.py``: the proxy's request loop notices a shutdown only at its next 1 s poll,
+#:   and Triton finalizes the instances one after another: poll every 0.2 s. The handshake that hands
+#:   each instance its config waits 1 s, which a busy host can miss at start: wait up to 10 s.
+_PROXY_PATCHES: Dict[str, List[Tuple[str, str, int]]] = {
+    "model.py": [(
+        "                if triton_responses_or_error is not None and isinstance(triton_responses_or_error, "
+        "Exception):\n                    raise triton_responses_or_error\n",
+        "                if triton_responses_or_error is not None and isinstance(triton_responses_or_error, "
+        "Exception):\n                    return [pb_utils.InferenceResponse(error=pb_utils.TritonError("
+        "str(triton_responses_or_error).strip())) for _ in triton_requests]  # cfgswitch: no raise (#7481)\n", 1)],
+    "communication.py": [
+        ("            flag_check_interval_s = 1.0\n", "            flag_check_interval_s = 0.2  # cfgswitch\n", 2),
+        ("def get_config_from_handshake_server(socket_path: pathlib.Path, timeout_s: float = 1.0) -> dict:",
+         "def get_config_from_handshake_server(socket_path: pathlib.Path, timeout_s: float = 10.0) -> dict:", 1),
+        ('await asyncio.wait_for(reader.readuntil(b"\\n"), timeout=1.0)',
+         'await asyncio.wait_for(reader.readuntil(b"\\n"), timeout=10.0)', 1),
+    ],
+}
+
+
+def patch_proxy_source(name: str, source: bytes) -> Optional[bytes]:
+    """PyTriton's proxy file ``name`` (``model.py``, ``communication.py``) with cfgswitch's patches applied.
+
+    Returns ``source`` unchanged for a file without patches, and ``None`` when ``source`` is not the
+    PyTriton 0.7 code the patches know (then nothing should be changed).
+    """
+    patches = _PROXY_PATCHES.get(name)
+    if not patches:
+        return source
+    text = source.decode("utf-8")
+    for old, new, count in patches:
+        if text.count(old) != count:
+            return None
+        text = text.replace(old, new)
+    return text.encode("utf-8")
+
+
+def _patch_file(path: Path) -> None:
+    if not path.is_file():
+        return
+    patched = patch_proxy_source(path.name, path.read_bytes())
+    if patched is None:
+        logger.warning("PyTriton's proxy %s is not the known 0.7 code: infer errors stay raised (Triton's Python "
+                       "backend then leaks the state of each failed request)", path)
+    else:
+        path.write_bytes(patched)
+
+
+def _answer_errors_as_responses(triton: Any) -> None:
+    """Make every model bound to ``triton`` from now on load the patched proxy (see :func:`patch_proxy_source`).
+
+    PyTriton writes the proxy into its model store when a model is added (local store) or sends
+    it with the load request (remote store), and loads it at once when Triton is already running:
+    both copies are patched as the model is added, before it loads.
+    """
+    manager = getattr(triton, "_model_manager", None)
+    add_model = getattr(manager, "add_model", None)
+    if add_model is None:
+        logger.warning("PyTriton's model manager has no add_model: infer errors stay raised")
+        return
+
+    def add(model: Any, *args: Any, **kwargs: Any) -> Any:
+        generate, files = getattr(model, "generate_model", None), getattr(model, "get_proxy_model_files", None)
+        if generate is not None:
+            def generate_patched(repository: Path) -> None:
+                generate(repository)
+                for name in _PROXY_PATCHES:
+                    _patch_file(Path(repository) / model.model_name / str(model.model_version) / name)
+
+            model.generate_model = generate_patched
+        if files is not None:
+            def files_patched() -> Dict[str, bytes]:
+                out = dict(files())
+                for key, content in out.items():
+                    patched = patch_proxy_source(key.rsplit("/", 1)[-1], content)
+                    if patched is None:
+                        logger.warning("PyTriton's proxy %s is not the known 0.7 code: it runs unpatched", key)
+                    out[key] = patched or content
+                return out
+
+            model.get_proxy_model_files = files_patched
+        return add_model(model, *args, **kwargs)
+
+    manager.add_model = add
+
+
 def _stop_now(signum: int) -> None:
     """Second signal: SIGKILL every process this server started, then exit without waiting."""
     pids = descendants(os.getpid())
@@ -214,8 +319,12 @@ def _stop_now(signum: int) -> None:
 
 
 def _serve_until_stopped(triton: Any, model: SamplerModel, config: ServeConfig, stop: threading.Event,
-                         ready: Optional[threading.Event]) -> None:
-    """Serve until ``stop`` (the first signal) or Triton's death, then drain (see :func:`_drain`)."""
+                         ready: Optional[threading.Event], signalled: List[float]) -> bool:
+    """Serve until ``stop`` (the first signal) or Triton's death, then drain (see :func:`_drain`).
+
+    Returns True when every request Triton held was answered (False: Triton died, or the drain
+    timeout passed with requests still running).
+    """
     logger.info("serving model %r: http://%s:%d, grpc %s:%d, metrics http://%s:%d/metrics", config.model_name,
                 config.host, config.http_port, config.host, config.grpc_port, config.host, config.metrics_port)
     if ready is not None:
@@ -224,12 +333,13 @@ def _serve_until_stopped(triton: Any, model: SamplerModel, config: ServeConfig, 
     while not stop.wait(1.0):
         if not triton.is_alive():
             logger.error("the Triton server exited; stopping")
-            return
+            return False
         if time.monotonic() - last_log >= METRICS_LOG_S:
             last_log = time.monotonic()
             _log_metrics(model)
-    _drain(triton, model, config)
+    answered = _drain(triton, model, config, signalled[0] if signalled else time.monotonic())
     _log_metrics(model)
+    return answered
 
 
 def _log_metrics(model: "SamplerModel") -> None:
@@ -253,44 +363,77 @@ def _processes(name: str) -> List[int]:
     return out
 
 
-def _drain(triton: Any, model: SamplerModel, config: ServeConfig) -> None:
+def _kill_tree(pid: int) -> int:
+    """SIGKILL ``pid`` and every process below it; the number killed."""
+    pids = [pid] + descendants(pid)
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
+def _drain(triton: Any, model: SamplerModel, config: ServeConfig, signalled_at: float) -> bool:
     """Finish the requests Triton holds, then let Triton unload the model and exit, within the drain timeout.
 
+    The timeout runs from the signal (``signalled_at``, a monotonic time) and is a budget:
+
     1. ``tritonserver`` gets SIGINT: it takes no new request and waits for the ones it holds
-       (running here, or queued for a model instance), which this process keeps answering.
-    2. Once none is left, PyTriton's handlers in this process are stopped (``Model.clean``,
-       which first drops PyTriton's own observers). PyTriton 0.7 would stop them only after
-       ``tritonserver`` exited, and Triton's unload waits on them: the exit timeout expires
-       ("Non-graceful termination"), with a trivial PyTriton model too.
-    3. Triton unloads the model (each proxy finalizes, about 2 s each here) and exits.
+       (running here, or queued for a model instance), which this process keeps answering, until
+       :data:`EXIT_RESERVE_S` before the deadline.
+    2. Then PyTriton's handlers in this process are stopped (``Model.clean``, which first drops
+       PyTriton's own observers). PyTriton 0.7 would stop them only after ``tritonserver`` exited,
+       and Triton's unload waits on them: the exit timeout expires ("Non-graceful termination"),
+       with a trivial PyTriton model too.
+    3. Triton unloads the model (its instances finalize one after another, about 1 s each here with
+       the patched proxy) and exits, with the time left less :data:`EXIT_RESERVE_S`. Past that,
+       ``tritonserver`` and its model processes are killed, with a log line: the requests were
+       answered already, and what is left is only the proxies' own clean-up.
+
+    Returns:
+        True when every request Triton held was answered.
     """
     start = time.monotonic()
-    deadline = start + config.drain_timeout_s
+    deadline = signalled_at + config.drain_timeout_s
+    budget_end = max(start, deadline - EXIT_RESERVE_S)
     for pid in _processes("tritonserver/bin/tritonserver"):
         os.kill(pid, signal.SIGINT)
-    idle = model.wait_idle(deadline)
+    idle = model.wait_idle(budget_end)
     if idle:
         logger.info("drained in %.1f s: every request Triton held was answered", time.monotonic() - start)
     else:
-        logger.warning("drain timeout (%.0f s): %d request(s) still running", config.drain_timeout_s, model.active())
+        logger.error("drain timeout (%.0f s): %d request(s) still running; stopping without them",
+                     config.drain_timeout_s, model.active())
     models = list((getattr(getattr(triton, "_model_manager", None), "_models", None) or {}).values())  # PyTriton 0.7
     for m in models:
         try:
             m.clean()
-        except Exception as e:  # noqa: BLE001 - Triton's exit timeout still bounds the stop
+        except Exception as e:  # noqa: BLE001 - the budget below still bounds the stop
             logger.warning("could not stop PyTriton's handlers of %s: %s", getattr(m, "model_name", m), e)
-    while _processes("tritonserver/bin/tritonserver") and time.monotonic() < deadline + 1.0:
-        time.sleep(0.1)
+    while _processes("tritonserver/bin/tritonserver") and time.monotonic() < budget_end:
+        time.sleep(0.05)
     left = _processes("tritonserver/bin/tritonserver")
     if left:
-        logger.warning("Triton did not exit within the drain timeout; stopping it")
+        killed = sum(_kill_tree(pid) for pid in left)
+        logger.warning("Triton had not finished unloading %.1f s after the signal (drain timeout %.0f s, %.1f s kept "
+                       "for the exit): killed tritonserver and its model processes (%d); %s",
+                       time.monotonic() - signalled_at, config.drain_timeout_s, EXIT_RESERVE_S, killed,
+                       "every request had been answered" if idle else "requests were still running")
+        wait_until = time.monotonic() + 1.0
+        while _processes("tritonserver/bin/tritonserver") and time.monotonic() < wait_until:
+            time.sleep(0.02)
     else:
         logger.info("model unloaded and Triton exited in %.1f s", time.monotonic() - start)
+    return idle
 
 
 def serve(sampler: Any, config: ServeConfig, limits: ServeLimits, ready: Optional[threading.Event] = None,
-          warmup: bool = True) -> None:
+          warmup: bool = True) -> bool:
     """Serve ``sampler`` until SIGINT or SIGTERM, then drain and stop (blocks).
+
+    Returns True when the server stopped with every request it held answered (``cfgswitch serve``
+    then exits 0; otherwise 1).
 
     Args:
         sampler (`Sampler`): the loaded sampler.
@@ -310,36 +453,59 @@ def serve(sampler: Any, config: ServeConfig, limits: ServeLimits, ready: Optiona
     logger.info("limits: %s", model.limits.describe())
     if warmup:
         model.warmup()
-    triton_config = TritonConfig(
-        http_address=config.host, http_port=config.http_port, grpc_address=config.host, grpc_port=config.grpc_port,
-        metrics_address=config.host, metrics_port=config.metrics_port,
-        exit_timeout_secs=(config.exit_timeout_s if config.exit_timeout_s is not None
-                           else int(math.ceil(config.drain_timeout_s))),
-        allow_gpu_metrics=False,
-    )
+
+    def triton_config(http_host: str, http_port: int, grpc_host: str, grpc_port: int) -> Any:
+        return TritonConfig(
+            http_address=http_host, http_port=http_port, grpc_address=grpc_host, grpc_port=grpc_port,
+            metrics_address=config.host, metrics_port=config.metrics_port,
+            exit_timeout_secs=(config.exit_timeout_s if config.exit_timeout_s is not None
+                               else int(math.ceil(config.drain_timeout_s))),
+            allow_gpu_metrics=False,
+        )
+
     # No Triton dynamic batcher: each execution holds one request, so each can fail alone.
     model_config = ModelConfig(batching=True, max_batch_size=model.limits.max_batch, batcher=None)
     stop = threading.Event()
     previous = {}
+    signalled: List[float] = []
 
     def on_signal(signum, _frame):
         if stop.is_set():
             _stop_now(signum)
+        signalled.append(time.monotonic())
         logger.info("signal %s: draining (no new requests; the ones in flight finish, then unload, within %.0f s)",
                     signal.Signals(signum).name, config.drain_timeout_s)
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, on_signal)
+    fronts: List[Any] = []
+    answered = False
     try:
         for attempt in range(1, START_ATTEMPTS + 1):
-            with Triton(config=triton_config) as triton:
+            # With fronts, Triton's HTTP and gRPC endpoints are internal (127.0.0.1, free ports) and the fronts
+            # own the public ports.
+            if config.max_request_bytes:
+                inner = ("127.0.0.1", free_port(), "127.0.0.1", free_port())
+            else:
+                inner = (config.host, config.http_port, config.host, config.grpc_port)
+            with Triton(config=triton_config(*inner)) as triton:
                 try:
+                    _answer_errors_as_responses(triton)
                     triton.bind(model_name=config.model_name, infer_func=[model.infer] * config.instances,
                                 inputs=_tensors(INPUTS, True), outputs=_tensors(OUTPUTS, False), config=model_config,
                                 strict=True)
                     triton.run()
+                    if config.max_request_bytes:
+                        for kind, public, internal in ((RequestSizeFront, config.http_port, inner[1]),
+                                                       (GrpcSizeFront, config.grpc_port, inner[3])):
+                            front = kind(config.host, public, internal, config.max_request_bytes)
+                            front.start()
+                            fronts.append(front)
                 except Exception as e:  # noqa: BLE001 - PyTriton's model load raises several types
+                    for front in fronts:
+                        front.stop()
+                    fronts.clear()
                     if attempt == START_ATTEMPTS or stop.is_set():
                         raise
                     # PyTriton's proxies hand their config over with 1 s timeouts: on a busy host one of
@@ -347,13 +513,17 @@ def serve(sampler: Any, config: ServeConfig, limits: ServeLimits, ready: Optiona
                     logger.warning("Triton did not load the model (attempt %d of %d: %s); starting it again",
                                    attempt, START_ATTEMPTS, str(e).splitlines()[0][:200])
                     continue
-                _serve_until_stopped(triton, model, config, stop, ready)
+                answered = _serve_until_stopped(triton, model, config, stop, ready, signalled)
             break
         model.merger.close()
     finally:
+        for front in fronts:
+            front.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    logger.info("server stopped")
+    since = f" ({time.monotonic() - signalled[0]:.1f} s after the signal)" if signalled else ""
+    logger.info("server stopped%s", since)
+    return answered
 
 
-__all__ = ["DEFAULT_DRAIN_TIMEOUT_S", "SamplerModel", "ServeConfig", "serve"]
+__all__ = ["DEFAULT_DRAIN_TIMEOUT_S", "EXIT_RESERVE_S", "SamplerModel", "ServeConfig", "patch_proxy_source", "serve"]
