@@ -151,18 +151,11 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         import torch
 
-        from ..backends.registry import get_backend
-
         torch.set_num_threads(args.threads)
-        resolved = args.backend or "torch"
-        if args.backend is None and (Path(model) / "manifest.json").is_file():
-            from ..bundle import read_manifest
-            from ..bundle_loading import pick_backend
+    from ..backends.registry import load_options
 
-            resolved = pick_backend(read_manifest(model))[0]
-        if "threads" in get_backend(resolved).options:
-            options["threads"] = args.threads
-    sampler = Sampler.load(model, backend=args.backend, **options)
+    backend, load_kw = load_options(model, args.backend, args.threads, **options)
+    sampler = Sampler.load(model, backend=backend, **load_kw)
     answered = serve(sampler, config, limits, warmup=not args.no_warmup)
     # The interpreter's last collection walks every object (torch, diffusers: about 2 s here) inside the
     # drain budget; frozen objects are skipped. Every child process has exited by now.
