@@ -140,9 +140,10 @@ def check_peers_config(cfg: PeersConfig) -> PeersConfig:
     if cfg.backends is not None:
         from cfgswitch.backends.registry import backend_names
 
-        bad = [b for b in cfg.backends if b not in ("torch", "onnxruntime", "openvino")]
+        cpu = cpu_backends()
+        bad = [b for b in cfg.backends if b not in cpu]
         if bad:
-            raise InvalidArgumentError("--backend", f"some of torch, onnxruntime, openvino (of {', '.join(backend_names())})",
+            raise InvalidArgumentError("--backend", f"some of {', '.join(cpu)} (of {', '.join(backend_names())})",
                                        ",".join(bad))
     cfg.peer_python = check_peer_python(cfg.peer_python)
     return cfg
@@ -270,11 +271,18 @@ def default_cache() -> Path:
     return Path(os.environ.get("CFGSWITCH_CACHE", Path.home() / ".cache" / "cfgswitch")) / "bench-peers"
 
 
+def cpu_backends() -> List[str]:
+    """The registry's backends that run on a CPU (neither TensorRT plans nor CUDA needed), in registry order."""
+    from cfgswitch.backends.registry import BACKENDS
+
+    return [n for n, e in BACKENDS.items() if not e.needs_plans and not e.needs_cuda]
+
+
 def installed_backends() -> List[str]:
-    """torch, and each of onnxruntime and openvino whose package imports."""
+    """The CPU backends whose package imports (torch first)."""
     from cfgswitch.backends.registry import BACKENDS, importable
 
-    return ["torch"] + [b for b in ("onnxruntime", "openvino") if b in BACKENDS and importable(BACKENDS[b].module)]
+    return [b for b in cpu_backends() if importable(BACKENDS[b].module)]
 
 
 def _model_cache(cache: Path, model_dir: Path) -> Path:

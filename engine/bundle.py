@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from .errors import BundleError
-from .io_specs import GRAPH_NAMES, ModelDims
-from .runners.base import ModelSpec
+from .errors import BundleError, InvalidArgumentError
+from .io_specs import graph_specs
+from .model_spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,25 @@ class Bundle:
 
     # ------------------------------------------------------------ facts
     @property
-    def dims(self) -> ModelDims:
-        """The model's constant dimensions."""
-        d = self.manifest["dims"]
-        return ModelDims(int(d["latent_channels"]), int(d["vae_scale_factor"]), int(d["text_length"]), int(d["text_width"]))
+    def dims(self) -> ModelSpec:
+        """The model's :class:`~cfgswitch.model_spec.ModelSpec` as the manifest records it (what
+        :mod:`cfgswitch.io_specs` builds the graph tables from)."""
+        return ModelSpec.from_manifest(self.manifest, name=self.name)
+
+    @property
+    def family(self) -> str:
+        """The model family the bundle was exported for (``sd1`` for manifests that predate the key)."""
+        return str(self.manifest.get("family", "sd1"))
+
+    @property
+    def graph_names(self) -> List[str]:
+        """The graphs of the bundle's family, in export order."""
+        return list(graph_specs(self.dims))
+
+    @property
+    def tokenizer_keys(self) -> List[str]:
+        """Manifest keys of the bundle's tokenizer folders (``tokenizer``; SDXL adds ``tokenizer_2``)."""
+        return [k for k in ("tokenizer", "tokenizer_2") if k in self.manifest]
 
     @property
     def dtype(self) -> str:
@@ -90,14 +105,10 @@ class Bundle:
 
     def model_spec(self) -> ModelSpec:
         """The :class:`ModelSpec` the loop needs; the default size is the first exported one when square."""
-        d = self.dims
+        factor = int(self.manifest["dims"]["vae_scale_factor"])
         h, w = self.image_sizes[0]
-        sample = h // d.vae_scale_factor if h == w else int(self.manifest["sample_size"])
-        return ModelSpec(
-            latent_channels=d.latent_channels, vae_scale_factor=d.vae_scale_factor,
-            vae_scaling_factor=float(self.manifest["vae_scaling_factor"]), sample_size=sample,
-            text_length=d.text_length, text_width=d.text_width, name=self.name,
-        )
+        sample = h // factor if h == w else int(self.manifest["sample_size"])
+        return ModelSpec.from_manifest(self.manifest, name=self.name, sample_size=sample)
 
     def graph_entry(self, name: str) -> Dict[str, Any]:
         """The manifest entry of graph ``name``."""
@@ -124,17 +135,23 @@ class Bundle:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"bundle {self.path}: {rel} is not valid JSON ({e})") from None
 
-    def tokenizer_files(self) -> Dict[str, Path]:
-        """``{manifest path: file}`` of the tokenizer folder, each checked against its recorded sha256.
+    def tokenizer_files(self, key: str = "tokenizer") -> Dict[str, Path]:
+        """``{manifest path: file}`` of a tokenizer folder, each checked against its recorded sha256.
+
+        Args:
+            key (`str`, defaults to ``"tokenizer"``): the manifest key of the folder (SDXL bundles
+                also have ``tokenizer_2``).
 
         Raises:
             BundleError: the folder is missing, a file is missing, changed, not recorded in the
                 manifest, or resolves outside the bundle.
         """
-        rel = str(self.manifest["tokenizer"])
-        d = bundle_file(self.path, rel, "tokenizer")
+        if key not in self.manifest:
+            raise BundleError(f"bundle {self.path}: {MANIFEST_NAME} names no {key} folder (re-export the bundle)")
+        rel = str(self.manifest[key])
+        d = bundle_file(self.path, rel, key)
         if not d.is_dir():
-            raise BundleError(f"bundle {self.path}: missing tokenizer folder {rel}/ (re-export the bundle)")
+            raise BundleError(f"bundle {self.path}: missing {key} folder {rel}/ (re-export the bundle)")
         prefix = rel.rstrip("/") + "/"
         recorded = {k for k in self.manifest[FILES_KEY] if k.startswith(prefix)}
         present: Dict[str, Path] = {}
@@ -152,16 +169,26 @@ class Bundle:
             check_recorded(self, key, sha256_file(f), f.stat().st_size, "tokenizer file")
         return present
 
-    def load_tokenizer(self):
-        """The CLIP tokenizer saved in the bundle (its files checked first, see :meth:`tokenizer_files`)."""
+    def load_tokenizer(self, key: str = "tokenizer"):
+        """A CLIP tokenizer saved in the bundle (its files checked first, see :meth:`tokenizer_files`)."""
         from transformers import CLIPTokenizer
 
-        self.tokenizer_files()
-        d = self.path / self.manifest["tokenizer"]
+        self.tokenizer_files(key)
+        d = self.path / self.manifest[key]
         try:
             return CLIPTokenizer.from_pretrained(d)
         except (OSError, ValueError) as e:
-            raise BundleError(f"bundle {self.path}: cannot load the tokenizer from {d.name}/: {e}") from e
+            raise BundleError(f"bundle {self.path}: cannot load the {key.replace('_', ' ')} from {d.name}/: {e}") from e
+
+    def family_extras(self) -> Dict[str, Any]:
+        """What the family's text recipe needs beside the runners and the first tokenizer
+        (SDXL: ``tokenizer_2`` and ``force_zeros_for_empty_prompt``); empty for SD 1.x/2.x."""
+        extras: Dict[str, Any] = {}
+        if "tokenizer_2" in self.manifest:
+            extras["tokenizer_2"] = self.load_tokenizer("tokenizer_2")
+        if "force_zeros_for_empty_prompt" in self.manifest:
+            extras["force_zeros_for_empty_prompt"] = bool(self.manifest["force_zeros_for_empty_prompt"])
+        return extras
 
     def engines(self, layout: Optional[str] = None) -> Dict[str, Any]:
         """The TensorRT engines recorded by ``cfgswitch build`` (all layouts, or one)."""
@@ -170,12 +197,18 @@ class Bundle:
 
 
 # ---------------------------------------------------------------- reading
-def read_manifest(path: "str | Path") -> Bundle:
+def read_manifest(path: "str | Path", family: Optional[str] = None) -> Bundle:
     """Read and check ``path/manifest.json``.
+
+    Args:
+        path (`str` or `Path`): the bundle directory.
+        family (`str`, optional): the model family the caller expects (``sd1``, ``sd2``,
+            ``sdxl``); a bundle exported for another is refused.
 
     Raises:
         BundleError: the directory is missing, the manifest is missing, not JSON, not a
-            cfgswitch manifest, of an unknown schema version, or lacks a required entry.
+            cfgswitch manifest, of an unknown schema version, lacks a required entry, was
+            exported for another family than ``family``, or its graphs are not its family's.
     """
     p = Path(path)
     if not p.exists():
@@ -191,7 +224,20 @@ def read_manifest(path: "str | Path") -> Bundle:
         raise BundleError(f"bundle {p}: {MANIFEST_NAME} is malformed ({e}); re-export the bundle") from None
     bundle = Bundle(p, check_manifest(manifest, p))
     check_paths(bundle)
+    if family is not None:
+        check_family(bundle, family)
     return bundle
+
+
+def check_family(bundle: Bundle, family: str) -> None:
+    """Refuse a bundle exported for another model family than ``family``.
+
+    Raises:
+        BundleError: the bundle's family is not ``family`` (the message names both).
+    """
+    if bundle.family != family:
+        raise BundleError(f"bundle {bundle.path}: exported for the {bundle.family} family, loaded as {family} "
+                          f"(refused; export the {family} model into its own bundle)")
 
 
 def check_manifest(manifest: Any, where: "str | Path" = "bundle") -> Dict[str, Any]:
@@ -212,9 +258,12 @@ def check_manifest(manifest: Any, where: "str | Path" = "bundle") -> Dict[str, A
         raise BundleError(f"bundle {where}: {MANIFEST_NAME} is malformed: missing {', '.join(missing)}")
     if manifest["dtype"] not in _DTYPES:
         raise BundleError(f"bundle {where}: {MANIFEST_NAME} is malformed: dtype {manifest['dtype']!r} is not one of {_DTYPES}")
+    if not isinstance(manifest["dims"], dict):
+        raise BundleError(f"bundle {where}: {MANIFEST_NAME} is malformed: dims is not an object")
     for key in ("latent_channels", "vae_scale_factor", "text_length", "text_width"):
         if not isinstance(manifest["dims"].get(key), int):
             raise BundleError(f"bundle {where}: {MANIFEST_NAME} is malformed: dims.{key} missing or not an integer")
+    spec = _manifest_spec(manifest, where)
     bs, sizes = manifest["batch_sizes"], manifest["image_sizes"]
     if not (isinstance(bs, list) and bs and all(isinstance(b, int) and b >= 1 for b in bs)):
         raise BundleError(f"bundle {where}: {MANIFEST_NAME} is malformed: batch_sizes {bs!r}")
@@ -223,10 +272,16 @@ def check_manifest(manifest: Any, where: "str | Path" = "bundle") -> Dict[str, A
     graphs = manifest["graphs"]
     if not isinstance(graphs, dict):
         raise BundleError(f"bundle {where}: {MANIFEST_NAME} is malformed: graphs is not an object")
-    for name in GRAPH_NAMES:
+    table = graph_specs(spec)
+    for name, gspec in table.items():
         entry = graphs.get(name)
         if not isinstance(entry, dict) or not {"file", "sha256", "inputs", "outputs"} <= set(entry):
             raise BundleError(f"bundle {where}: {MANIFEST_NAME} is malformed: graph {name!r} missing or incomplete")
+        _check_graph_family(entry, gspec, spec.family, where)
+    extra = sorted(set(graphs) - set(table))
+    if extra:
+        raise BundleError(f"bundle {where}: {MANIFEST_NAME} records graphs {', '.join(extra)} that a {spec.family} "
+                          f"bundle does not have (exported for another family; re-export the bundle)")
     files = manifest.get(FILES_KEY)
     if files is None:
         raise BundleError(
@@ -235,10 +290,40 @@ def check_manifest(manifest: Any, where: "str | Path" = "bundle") -> Dict[str, A
         )
     if not (isinstance(files, dict) and all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values())):
         raise BundleError(f"bundle {where}: {MANIFEST_NAME} is malformed: {FILES_KEY} is not an object of sha256 records")
+    for key in ("tokenizer_2",) if spec.family == "sdxl" else ():
+        if key not in manifest:
+            raise BundleError(f"bundle {where}: {MANIFEST_NAME} is malformed: a {spec.family} bundle needs {key}")
     if manifest["scheduler_config"] not in files:
         raise BundleError(f"bundle {where}: {MANIFEST_NAME} is malformed: {FILES_KEY} has no record of the scheduler "
                           f"config {manifest['scheduler_config']!r}")
     return manifest
+
+
+def _manifest_spec(manifest: Dict[str, Any], where: Any) -> ModelSpec:
+    """The manifest's :class:`ModelSpec`, refused when its family is unknown or its dims malformed."""
+    from .families import FAMILIES
+
+    family = manifest.get("family", "sd1")
+    if family not in FAMILIES:
+        raise BundleError(f"bundle {where}: {MANIFEST_NAME} names the model family {family!r}; this cfgswitch "
+                          f"supports {', '.join(FAMILIES)} (re-export the bundle, or upgrade cfgswitch)")
+    try:
+        return ModelSpec.from_manifest(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BundleError(f"bundle {where}: {MANIFEST_NAME} is malformed: dims ({type(e).__name__}: {e})") from None
+    except InvalidArgumentError as e:  # pragma: no cover - the family name was checked above
+        raise BundleError(f"bundle {where}: {e}") from None
+
+
+def _check_graph_family(entry: Dict[str, Any], gspec: Any, family: str, where: Any) -> None:
+    """The recorded inputs and outputs of one graph must be the family's (names in order)."""
+    for side, want in (("inputs", gspec.input_names), ("outputs", gspec.output_names)):
+        got = [t.get("name") for t in entry[side] if isinstance(t, dict)] if isinstance(entry[side], list) else None
+        if got != want:
+            raise BundleError(
+                f"bundle {where}: graph {gspec.name!r} has {side} {got}, a {family} bundle's are {want} "
+                f"(the manifest's family is {family!r}: exported for another family, or edited; re-export the bundle)"
+            )
 
 
 # ---------------------------------------------------------------- the seal
@@ -271,7 +356,7 @@ def bundle_file(root: Path, rel: Any, entry: str) -> Path:
 def _named_files(bundle: Bundle) -> List[Tuple[str, Any]]:
     """``(entry, path)`` of every file and folder the manifest names."""
     m = bundle.manifest
-    named: List[Tuple[str, Any]] = [("tokenizer", m["tokenizer"]), ("scheduler_config", m["scheduler_config"])]
+    named: List[Tuple[str, Any]] = [(k, m[k]) for k in bundle.tokenizer_keys] + [("scheduler_config", m["scheduler_config"])]
     for name, entry in m["graphs"].items():
         named.append((f"graphs.{name}.file", entry.get("file")))
         if entry.get("external_data"):
@@ -305,20 +390,25 @@ def check_recorded(bundle: Bundle, rel: str, digest: str, size: int, what: str) 
         )
 
 
-def verify_graphs(bundle: Bundle, names: Iterable[str] = GRAPH_NAMES) -> None:
-    """Check that each named graph (and its external data) is there with its recorded size and sha256.
+def verify_graphs(bundle: Bundle, names: Optional[Iterable[str]] = None) -> None:
+    """Check that each named graph (every graph of the bundle's family by default), and its
+    external data, is there with its recorded size and sha256.
 
     Raises:
         BundleError: a file is missing, truncated or replaced; the message names it.
     """
-    for name in names:
+    seen = set()  # unet and unet_cfg share one weights file: hash it once
+    for name in (bundle.graph_names if names is None else names):
         entry = bundle.graph_entry(name)
         files = [(entry["file"], entry["sha256"], entry.get("bytes"))]
         ext = entry.get("external_data")
         if ext:
             files.append((ext["file"], ext["sha256"], ext.get("bytes")))
-        for rel, digest, size in files:
-            verify_file(bundle.path, rel, digest, size, name)
+        for record in files:
+            if record in seen:
+                continue
+            verify_file(bundle.path, *record, name)
+            seen.add(record)
 
 
 def verify_file(root: Path, rel: str, digest: str, size: Optional[int], graph: str) -> None:
@@ -381,6 +471,6 @@ def tensor_table(entries: Iterable[Mapping[str, Any]]) -> Dict[str, Mapping[str,
 
 __all__ = [
     "BUNDLE_FORMAT", "Bundle", "FILES_KEY", "MANIFEST_NAME", "SCHEMA_VERSION", "bundle_file", "check_bundle_request",
-    "check_manifest", "check_paths", "check_recorded", "read_manifest", "sha256_file", "tensor_table", "verify_file",
+    "check_family", "check_manifest", "check_paths", "check_recorded", "read_manifest", "sha256_file", "tensor_table", "verify_file",
     "verify_graphs",
 ]

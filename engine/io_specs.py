@@ -15,8 +15,11 @@ Symbolic dimensions:
 ``H``   image height (``h * factor``), ``W`` image width
 ======  ===============================================================
 
-Model constants (``latent_channels``, ``text_length``, ``text_width``) are filled from
-:class:`ModelDims`. Nothing here imports torch, ONNX, ONNX Runtime or TensorRT.
+Model constants (``latent_channels``, ``text_length``, the text and added-conditioning
+widths) are filled from the model's :class:`~cfgswitch.model_spec.ModelSpec`, and each
+model family gives its own graph table (:meth:`cfgswitch.families.base.Family.graph_table`:
+SD 1.x/2.x the four graphs below, SDXL a second text encoder and the added UNet inputs
+``text_embeds`` and ``time_ids``). Nothing here imports ONNX, ONNX Runtime or TensorRT.
 """
 
 from __future__ import annotations
@@ -24,33 +27,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .model_spec import ModelSpec
+
 Dim = Union[int, str]
 
-#: The graphs of a bundle, in export order.
+#: The graphs of an SD 1.x/2.x bundle, in export order (a family's own: :func:`graph_names`).
 GRAPH_NAMES: Tuple[str, ...] = ("text_encoder", "unet", "unet_cfg", "vae_decoder")
+#: Every graph name some family exports (SDXL adds its second text encoder).
+ALL_GRAPH_NAMES: Tuple[str, ...] = ("text_encoder", "text_encoder_2", "unet", "unet_cfg", "vae_decoder")
 #: The UNet roles of the loop.
 ROLES: Tuple[str, ...] = ("cfg", "late")
 #: TensorRT layouts: one plan per role, or one plain-UNet plan with a profile per role.
 LAYOUTS: Tuple[str, ...] = ("two-engines", "shared")
-#: Every engine a TensorRT runtime needs: the two UNet roles plus text encoder and VAE.
+#: Every engine a TensorRT runtime of an SD 1.x/2.x bundle needs: the two UNet roles plus text
+#: encoder and VAE (a family's own: :func:`components`).
 COMPONENTS: Tuple[str, ...] = ("text_encoder", "cfg", "late", "vae_decoder")
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The constant dimensions of a model.
-
-    Attributes:
-        latent_channels (`int`): UNet input channels (4 for SD 1.x/2.x).
-        vae_scale_factor (`int`): image pixels per latent pixel (8 for SD).
-        text_length (`int`): tokens per prompt (77).
-        text_width (`int`): text-encoder hidden size.
-    """
-
-    latent_channels: int
-    vae_scale_factor: int
-    text_length: int
-    text_width: int
 
 
 @dataclass(frozen=True)
@@ -109,55 +100,33 @@ class GraphSpec:
         return {t.name: t.dynamic_axes() for t in self.inputs + self.outputs if t.dynamic_axes()}
 
 
-def _graph_table(dims: ModelDims) -> Dict[str, GraphSpec]:
-    c, L, C = dims.latent_channels, dims.text_length, dims.text_width
-    return {
-        "text_encoder": GraphSpec(
-            "text_encoder",
-            inputs=(TensorSpec("input_ids", "int64", ("T", L)),),
-            outputs=(TensorSpec("last_hidden_state", "model", ("T", L, C)),),
-            rows="T",
-        ),
-        "unet": GraphSpec(
-            "unet",
-            inputs=(
-                TensorSpec("sample", "model", ("B", c, "h", "w")),
-                TensorSpec("timestep", "float32", ("B",)),
-                TensorSpec("encoder_hidden_states", "model", ("B", L, C)),
-            ),
-            outputs=(TensorSpec("noise_pred", "model", ("B", c, "h", "w")),),
-            rows="B",
-        ),
-        "unet_cfg": GraphSpec(
-            "unet_cfg",
-            inputs=(
-                TensorSpec("sample", "model", ("B", c, "h", "w")),
-                TensorSpec("timestep", "float32", ("B",)),
-                TensorSpec("encoder_hidden_states", "model", ("2B", L, C)),
-                TensorSpec("guidance_scale", "float32", ("B",)),
-            ),
-            outputs=(TensorSpec("noise_pred", "model", ("B", c, "h", "w")),),
-            rows="B",
-        ),
-        "vae_decoder": GraphSpec(
-            "vae_decoder",
-            inputs=(TensorSpec("latents", "model", ("B", c, "h", "w")),),
-            outputs=(TensorSpec("image", "model", ("B", 3, "H", "W")),),
-            rows="B",
-        ),
-    }
+def graph_specs(spec: ModelSpec) -> Dict[str, GraphSpec]:
+    """The :class:`GraphSpec` of every graph of a model, by graph name in export order (its family's table)."""
+    from .families import get_family
+
+    return get_family(spec.family).graph_table(spec)
 
 
-def graph_specs(dims: ModelDims) -> Dict[str, GraphSpec]:
-    """The :class:`GraphSpec` of every graph of a model with ``dims``, by graph name."""
-    return _graph_table(dims)
+def graph_names(spec: ModelSpec) -> Tuple[str, ...]:
+    """The graph names of a model's bundle, in export order."""
+    return tuple(graph_specs(spec))
 
 
-def graph_spec(name: str, dims: ModelDims) -> GraphSpec:
-    """The :class:`GraphSpec` of graph ``name`` (one of :data:`GRAPH_NAMES`)."""
-    table = _graph_table(dims)
+def text_encoder_names(spec: ModelSpec) -> Tuple[str, ...]:
+    """The text-encoder graphs of a model (``text_encoder``; SDXL adds ``text_encoder_2``)."""
+    return tuple(e.graph for e in spec.encoders)
+
+
+def components(spec: ModelSpec) -> Tuple[str, ...]:
+    """Every engine a TensorRT runtime of this model needs: its text encoders, the two UNet roles and the VAE."""
+    return text_encoder_names(spec) + ("cfg", "late", "vae_decoder")
+
+
+def graph_spec(name: str, spec: ModelSpec) -> GraphSpec:
+    """The :class:`GraphSpec` of graph ``name`` (one of :func:`graph_names`)."""
+    table = graph_specs(spec)
     if name not in table:
-        raise KeyError(f"graph: expected one of {', '.join(GRAPH_NAMES)}, got {name!r}")
+        raise KeyError(f"graph: expected one of {', '.join(table)}, got {name!r}")
     return table[name]
 
 
@@ -210,9 +179,13 @@ def role_binding(component: str, layout: str = "two-engines") -> RoleBinding:
         return RoleBinding("cfg", "unet_cfg")
     if component == "late":
         return RoleBinding("late", "unet")
-    if component in ("text_encoder", "vae_decoder"):
+    if _is_text(component) or component == "vae_decoder":
         return RoleBinding(component, component)
-    raise KeyError(f"component: expected one of {', '.join(COMPONENTS)}, got {component!r}")
+    raise KeyError(f"component: expected one of {', '.join(COMPONENTS)} (or text_encoder_2), got {component!r}")
+
+
+def _is_text(component: str) -> bool:
+    return component in ("text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
@@ -261,19 +234,21 @@ def _profile(component: str, spec: GraphSpec, row_factor: int, factor: int,
     return Profile(component, batch, sizes, shapes)
 
 
-def profiles_for(component: str, dims: ModelDims, batch_sizes: Sequence[int], image_sizes: Sequence[Tuple[int, int]],
+def profiles_for(component: str, dims: ModelSpec, batch_sizes: Sequence[int], image_sizes: Sequence[Tuple[int, int]],
                  layout: str = "two-engines", static: bool = True) -> List[Profile]:
     """The optimization profiles TensorRT is asked for, for one component.
 
     Static: one profile per (batch size, image size), ``min == opt == max`` (the fastest
     tactics). Dynamic: one profile from the smallest to the largest batch and size, with
-    ``opt`` at the largest batch and the first image size. The text encoder always gets one
+    ``opt`` at the largest batch and the first image size. A text encoder always gets one
     profile of 1 to the largest batch rows: it encodes the distinct prompts of a request,
-    which can be fewer than its images.
+    which can be fewer than its images. Every input of the graph gets its shapes, the
+    family's added conditioning too (SDXL's ``text_embeds`` and ``time_ids``: 2B rows in the
+    ``cfg`` role, B in ``late``).
 
     Args:
-        component (`str`): one of :data:`COMPONENTS`.
-        dims (`ModelDims`): the model's constant dimensions.
+        component (`str`): one of :func:`components` of the model.
+        dims (`ModelSpec`): the model's spec.
         batch_sizes (`Sequence[int]`): images per request the bundle supports.
         image_sizes (`Sequence[tuple[int, int]]`): ``(height, width)`` pixel sizes it supports.
         layout (`str`, defaults to ``"two-engines"``): one of :data:`LAYOUTS`.
@@ -285,13 +260,13 @@ def profiles_for(component: str, dims: ModelDims, batch_sizes: Sequence[int], im
     sizes = [tuple(int(x) for x in s) for s in image_sizes]
     if not bs or not sizes:
         raise ValueError("batch_sizes and image_sizes must not be empty")
-    if static and component != "text_encoder":
+    if static and not _is_text(component):
         return [_profile(component, spec, binding.row_factor, dims.vae_scale_factor, (b, b, b), (s, s, s))
                 for s in sizes for b in bs]
     lo = (min(s[0] for s in sizes), min(s[1] for s in sizes))
     hi = (max(s[0] for s in sizes), max(s[1] for s in sizes))
     # The text encoder and VAE see as few as one row; the UNet roles see whole requests.
-    b_min = 1 if component in ("text_encoder", "vae_decoder") else bs[0]
+    b_min = 1 if _is_text(component) or component == "vae_decoder" else bs[0]
     return [_profile(component, spec, binding.row_factor, dims.vae_scale_factor, (b_min, bs[-1], bs[-1]), (lo, sizes[0], hi))]
 
 
@@ -314,13 +289,14 @@ class PlanSpec:
         return [i for i, p in enumerate(self.profiles) if p.component == component]
 
 
-def plan_specs(dims: ModelDims, batch_sizes: Sequence[int], image_sizes: Sequence[Tuple[int, int]],
+def plan_specs(dims: ModelSpec, batch_sizes: Sequence[int], image_sizes: Sequence[Tuple[int, int]],
                layout: str = "two-engines", static: bool = True, row_buckets: Sequence[int] = ()) -> List[PlanSpec]:
     """The plans a layout needs.
 
     ``two-engines``: ``unet_cfg`` (profiles of the ``cfg`` role) and ``unet`` (``late``).
     ``shared``: one ``unet`` plan whose profiles are those of ``cfg`` (2B rows) then those
-    of ``late`` (B rows). Both add ``text_encoder`` and ``vae_decoder``. With ``row_buckets``
+    of ``late`` (B rows). Both add the model's text encoders (``text_encoder``; SDXL also
+    ``text_encoder_2``) and ``vae_decoder``. With ``row_buckets``
     the plain UNet's (``late``) profiles are one per bucket instead, the row counts the step
     engine pads its calls to (``cfgswitch build --row-buckets``).
     """
@@ -328,7 +304,7 @@ def plan_specs(dims: ModelDims, batch_sizes: Sequence[int], image_sizes: Sequenc
         sizes = row_buckets if (component == "late" and row_buckets) else batch_sizes
         return tuple(profiles_for(component, dims, sizes, image_sizes, layout, static))
 
-    plans = [PlanSpec("text_encoder", "text_encoder", prof("text_encoder"))]
+    plans = [PlanSpec(name, name, prof(name)) for name in text_encoder_names(dims)]
     if layout == "shared":
         plans.append(PlanSpec("unet", "unet", prof("cfg") + prof("late")))
     elif layout == "two-engines":
@@ -350,7 +326,7 @@ def select_profile(profiles: Iterable[Profile], component: str, batch: int, heig
 
 
 __all__ = [
-    "COMPONENTS", "GRAPH_NAMES", "GraphSpec", "LAYOUTS", "ModelDims", "PlanSpec", "Profile", "ROLES", "RoleBinding",
-    "TensorSpec", "graph_spec", "graph_specs", "plan_specs", "profiles_for", "resolve_shape", "role_binding",
-    "select_profile", "shape_env",
+    "ALL_GRAPH_NAMES", "COMPONENTS", "GRAPH_NAMES", "GraphSpec", "LAYOUTS", "ModelSpec", "PlanSpec", "Profile", "ROLES",
+    "RoleBinding", "TensorSpec", "components", "graph_names", "graph_spec", "graph_specs", "plan_specs", "profiles_for",
+    "resolve_shape", "role_binding", "select_profile", "shape_env", "text_encoder_names",
 ]

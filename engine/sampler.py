@@ -21,8 +21,9 @@ from .errors import BackendUnavailableError, InvalidArgumentError, ModelLoadErro
 from .loop import LoopRequest, denoise
 from .output import GenerationOutput, to_uint8
 from .plans import GuidancePlan
+from .model_spec import ModelSpec
 from .request import check_request
-from .runners.base import ModelSpec, Runners
+from .runners.base import Runners
 from .timing import StageTimer
 from .tokenizer import tokenize, truncation_warnings
 
@@ -59,14 +60,18 @@ class Sampler:
         scheduler_config (`dict`): the model's scheduler config.
         spec (`ModelSpec`): latent and text shapes of the model.
         source (`str`, defaults to ``""``): where the model came from, for reports.
+        extras (`dict`, optional): what the family's text recipe needs beside the runners and
+            ``tokenizer`` (an SDXL bundle: ``tokenizer_2``, ``force_zeros_for_empty_prompt``).
     """
 
-    def __init__(self, runners: Runners, tokenizer, scheduler_config: Dict[str, Any], spec: ModelSpec, source: str = "") -> None:
+    def __init__(self, runners: Runners, tokenizer, scheduler_config: Dict[str, Any], spec: ModelSpec, source: str = "",
+                 extras: Optional[Dict[str, Any]] = None) -> None:
         self.runners = runners
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)
         self.spec = spec
         self.source = source
+        self.extras: Dict[str, Any] = dict(extras or {})
         # Kept by from_diffusers so that baselines and analyses can reuse the exact modules.
         self.modules: Dict[str, Any] = {}
 
@@ -78,7 +83,7 @@ class Sampler:
 
         Args:
             model (`str`, `Path` or pipeline): a diffusers Stable Diffusion folder (safetensors
-                weights) or a pipeline object with ``unet``, ``vae``, ``text_encoder``,
+                weights; ``"default"`` is the embedded model) or a pipeline object with ``unet``, ``vae``, ``text_encoder``,
                 ``tokenizer`` and ``scheduler``.
             device (`str` or `torch.device`, defaults to ``"cpu"``): where to run.
             dtype (`str` or `torch.dtype`, defaults to float32): weights and latents dtype.
@@ -95,18 +100,19 @@ class Sampler:
         dt = _as_torch_dtype(dtype)
         check_mode(mode, dev)  # before any weights are read
         if isinstance(model, (str, Path)):
-            p = Path(model)
+            from .default_model import resolve_model
+
+            p = resolve_model(str(model)) if str(model) == "default" else Path(model)
             # the family from model_index.json; without one, SD 1.x's checks name what is missing
             family = detect_folder(p) if (p / "model_index.json").is_file() else get_family("sd1")
             comps = family.load_folder(p, dev, dt)
-            source = str(model)
+            source = str(p) if str(model) == "default" else str(model)
         else:
             family = detect_pipeline(model)
             comps = family.from_pipeline(model, dev, dt)
             source = type(model).__name__
         unet, vae, text_encoder, tokenizer = comps["unet"], comps["vae"], comps["text_encoder"], comps["tokenizer"]
-        spec = spec_from_modules(unet, vae, text_encoder, tokenizer, source, family=family.name,
-                                 added=family.added_widths(comps))
+        spec = family.model_spec(comps, source)
         sampler = cls(torch_runners(text_encoder, unet, vae, dev, dt, mode, compile_options), tokenizer, comps["scheduler_config"], spec, source)
         sampler.modules = {k: v for k, v in comps.items() if k != "scheduler_config"}
         return sampler
@@ -325,8 +331,9 @@ class Sampler:
 
 def spec_from_modules(unet, vae, text_encoder, tokenizer, name: str, family: str = "sd1",
                       added: Optional[Dict[str, int]] = None) -> ModelSpec:
-    """The :class:`ModelSpec` of diffusers/transformers modules (``text_width`` is the UNet's
-    cross-attention width: the text encoder's, or both of SDXL's concatenated)."""
+    """The :class:`ModelSpec` of SD-layout diffusers/transformers modules (``text_width`` is the UNet's
+    cross-attention width). A family's full spec (encoders, VAE upcast) is
+    :meth:`cfgswitch.families.base.Family.model_spec`."""
     return ModelSpec(
         latent_channels=int(unet.config.in_channels),
         vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),

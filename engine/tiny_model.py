@@ -105,11 +105,17 @@ def tiny_pipeline(seed: int = 0, **kwargs):
 
 
 def save_tiny_model(path: "str | Path", seed: int = 0, pipeline: Optional[object] = None) -> Path:
-    """Save a tiny model as a diffusers folder (safetensors) at ``path`` and return it."""
+    """Save a tiny model as a diffusers folder (safetensors) at ``path`` and return it.
+
+    The folder is made portable (:func:`cfgswitch.shapes.portable.make_portable`): text-encoder
+    keys and the slow tokenizer's files that transformers 4.x and optimum read too.
+    """
+    from .shapes.portable import make_portable
+
     pipe = pipeline if pipeline is not None else tiny_pipeline(seed)
     out = Path(path)
     pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    return make_portable(out)
 
 
 #: The scheduler config of SDXL base (Euler, scaled-linear betas, leading spacing, epsilon).

@@ -301,7 +301,9 @@ def engines_entry(target: BuildTarget, options: BuildOptions, plans: Sequence[Pl
     """The manifest's ``engines[layout]`` record: target, flags, plans and which profiles serve each role."""
     by_name = {p.name: p for p in plans}
     roles = {}
-    for component in COMPONENTS:
+    # the model's text encoders (SDXL: text_encoder_2 too), then the UNet roles and the VAE
+    text = [p.name for p in plans if p.name in ("text_encoder", "text_encoder_2")]
+    for component in text + [c for c in COMPONENTS if c != "text_encoder"]:
         binding = role_binding(component, options.layout)
         plan = next(p for p in plans if p.graph == binding.graph and p.profile_indices(component))
         roles[component] = {"plan": plan.name, "profiles": plan.profile_indices(component),

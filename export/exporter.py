@@ -1,4 +1,10 @@
-"""A diffusers Stable Diffusion model to a bundle: tokenizer, scheduler config, four ONNX graphs, manifest.
+"""A diffusers Stable Diffusion model to a bundle: tokenizers, scheduler config, ONNX graphs, manifest.
+
+The model's family (:mod:`cfgswitch.families`) says which graphs it has: SD 1.x/2.x four
+(``text_encoder``, ``unet``, ``unet_cfg``, ``vae_decoder``), SDXL five (a second text encoder,
+and ``text_embeds``/``time_ids`` inputs on both UNet graphs). An SDXL bundle also keeps its
+second tokenizer (``tokenizer_2/``, sealed like the first) and, when exported in fp16 with a
+VAE whose config asks for ``force_upcast``, a float32 ``vae_decoder`` graph.
 
 The bundle is written into a temporary directory beside ``out`` and renamed into
 place at the end, so an interrupted or failed export leaves no half-written bundle.
@@ -23,7 +29,8 @@ import torch
 
 from cfgswitch.bundle import MANIFEST_NAME
 from cfgswitch.errors import BundleError, InvalidArgumentError
-from cfgswitch.io_specs import GRAPH_NAMES, ModelDims, graph_spec
+from cfgswitch.io_specs import ALL_GRAPH_NAMES, graph_spec, graph_specs
+from cfgswitch.model_spec import ModelSpec
 
 from .manifest import (build_manifest, content_hash_dir, content_hash_modules, file_records, graph_entry,
                        write_json_atomic)
@@ -49,8 +56,8 @@ class ExportOptions:
         opset (`int`): ONNX opset.
         verify (`bool`): compare every graph with torch on ONNX Runtime.
         overwrite (`bool`): replace an existing bundle at ``out``.
-        graphs (`tuple[str]`): which graphs to export (all by default; a subset is for experiments
-            and leaves the bundle unloadable).
+        graphs (`tuple[str]`): which graphs to export (empty: all of the model family's; a subset
+            is for experiments and leaves the bundle unloadable).
     """
 
     height: Optional[int] = None
@@ -60,12 +67,12 @@ class ExportOptions:
     opset: int = 17
     verify: bool = False
     overwrite: bool = False
-    graphs: Tuple[str, ...] = GRAPH_NAMES
+    graphs: Tuple[str, ...] = ()
 
 
 def check_options(height: Optional[int] = None, width: Optional[int] = None, batch_sizes: Sequence[int] = (1, 2, 4),
                   dtype: str = "fp32", opset: int = 17, verify: bool = False, overwrite: bool = False,
-                  graphs: Sequence[str] = GRAPH_NAMES) -> ExportOptions:
+                  graphs: Sequence[str] = ()) -> ExportOptions:
     """Check export arguments before any model is loaded (raises :class:`InvalidArgumentError`)."""
     for name, value in (("height", height), ("width", width)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8192):
@@ -77,41 +84,46 @@ def check_options(height: Optional[int] = None, width: Optional[int] = None, bat
         raise InvalidArgumentError("dtype", "fp32 or fp16", dtype)
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise InvalidArgumentError("opset", f"an integer in [{MIN_OPSET}, {MAX_OPSET}] (17 is tested)", opset)
-    unknown = [g for g in graphs if g not in GRAPH_NAMES]
-    if unknown or not graphs:
-        raise InvalidArgumentError("graphs", f"a non-empty subset of {', '.join(GRAPH_NAMES)}", list(graphs))
+    if isinstance(graphs, str) or any(g not in ALL_GRAPH_NAMES for g in graphs):
+        raise InvalidArgumentError("graphs", f"a subset of {', '.join(ALL_GRAPH_NAMES)} (empty: all of the model's)",
+                                   graphs if isinstance(graphs, str) else list(graphs))
     return ExportOptions(height, width, sorted(set(bs)), DTYPES[dtype.lower()], opset, verify, overwrite, tuple(graphs))
 
 
 def _load(model: Union[str, Path, Any], dtype: torch.dtype):
-    """``(name, content_hash, source, tokenizer, text_encoder, unet, vae, scheduler_config)``.
+    """``(name, content_hash, source, family, components)`` of a folder or pipeline object.
 
-    The UNet and the VAE are cast to ``dtype``; the text encoder stays in float32 (see
-    :class:`~cfgswitch.export.wrappers.TextEncoderGraph`).
+    The components are those of the model's family (``unet``, ``vae``, ``text_encoder``,
+    ``tokenizer``, ``scheduler_config``; SDXL adds ``text_encoder_2``, ``tokenizer_2`` and
+    ``force_zeros_for_empty_prompt``). The UNet is cast to ``dtype``, and the VAE too unless the
+    family keeps it in float32 (SDXL's ``force_upcast``); the text encoders stay in float32
+    (see :class:`~cfgswitch.export.wrappers.TextEncoderGraph`).
     """
+    from cfgswitch.families import detect_folder, detect_pipeline, get_family
+
+    cpu = torch.device("cpu")
     if isinstance(model, (str, Path)):
-        from cfgswitch.model_loading import load_components
-
         p = Path(model)
-        tokenizer, te, unet, vae, sched = load_components(p, torch.device("cpu"), torch.float32)
-        if dtype != torch.float32:
-            unet.to(dtype)
-            vae.to(dtype)
-        return p.resolve().name, content_hash_dir(p), p.resolve().name, tokenizer, te, unet, vae, sched
-    te, unet, vae = model.text_encoder, model.unet, model.vae
-    for m, dt in ((te, torch.float32), (unet, dtype), (vae, dtype)):
-        m.to(device="cpu", dtype=dt).eval().requires_grad_(False)
-    sched = {k: v for k, v in dict(model.scheduler.config).items()}
-    name = getattr(model, "name_or_path", None) or type(model).__name__
-    return (str(name), content_hash_modules({"text_encoder": te, "unet": unet, "vae": vae}), type(model).__name__,
-            model.tokenizer, te, unet, vae, sched)
-
-
-def _dims(unet, vae, text_encoder, tokenizer) -> Tuple[ModelDims, float, int]:
-    from cfgswitch.sampler import spec_from_modules
-
-    s = spec_from_modules(unet, vae, text_encoder, tokenizer, "model")
-    return ModelDims(s.latent_channels, s.vae_scale_factor, s.text_length, s.text_width), s.vae_scaling_factor, s.sample_size
+        family = detect_folder(p) if (p / "model_index.json").is_file() else get_family("sd1")
+        comps = family.load_folder(p, cpu, torch.float32)
+        name, chash, source = p.resolve().name, content_hash_dir(p), p.resolve().name
+    else:
+        family = detect_pipeline(model)
+        comps = family.from_pipeline(model, cpu, torch.float32)
+        hashed = [k for k in ("text_encoder", "text_encoder_2", "unet", "vae") if k in comps]
+        name = str(getattr(model, "name_or_path", None) or type(model).__name__)
+        chash, source = content_hash_modules({k: comps[k] for k in hashed}), type(model).__name__
+    upcast = family.vae_force_upcast(comps)
+    for key in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if key not in comps:
+            continue
+        dt = dtype if key == "unet" or (key == "vae" and not upcast) else torch.float32
+        m = comps[key]
+        if m.dtype != dt:  # diffusers warns on a cast to the dtype a module already has
+            m.to(dtype=dt)
+        m.eval().requires_grad_(False)
+    comps["scheduler_config"] = dict(comps["scheduler_config"])
+    return name, chash, source, family, comps
 
 
 def export_bundle(model: Union[str, Path, Any], out: Union[str, Path], options: Optional[ExportOptions] = None,
@@ -138,9 +150,7 @@ def export_bundle(model: Union[str, Path, Any], out: Union[str, Path], options: 
     if out.exists() and not opts.overwrite:
         raise InvalidArgumentError("out", "a path that does not exist yet (or pass --overwrite)", str(out))
     tdtype = torch.float16 if opts.dtype == "float16" else torch.float32
-    stages = ["load model", "tokenizer + scheduler"] + [f"export {g}" for g in opts.graphs]
-    stages += [f"verify {g}" for g in opts.graphs] if opts.verify else []
-    stages += ["manifest"]
+    stages = ["load model", "tokenizer + scheduler"]  # then one per graph (and verify), and the manifest
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_exports(out)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -149,17 +159,29 @@ def export_bundle(model: Union[str, Path, Any], out: Union[str, Path], options: 
     bar = tqdm(total=len(stages), desc="export", disable=not progress, unit="stage")
     try:
         bar.set_postfix_str(stages[0])
-        name, chash, source, tokenizer, te, unet, vae, sched = _load(model, tdtype)
-        dims, scaling, sample_size = _dims(unet, vae, te, tokenizer)
-        height = opts.height or sample_size * dims.vae_scale_factor
-        width = opts.width or sample_size * dims.vae_scale_factor
+        name, chash, source, family, comps = _load(model, tdtype)
+        dims: ModelSpec = family.model_spec(comps, "model")
+        te, unet, vae, sched = comps["text_encoder"], comps["unet"], comps["vae"], comps["scheduler_config"]
+        table = graph_specs(dims)
+        wanted = tuple(opts.graphs) or tuple(table)
+        unknown = [g for g in wanted if g not in table]
+        if unknown:
+            raise InvalidArgumentError("graphs", f"graphs of this {family.name} model ({', '.join(table)})", list(wanted))
+        height = opts.height or dims.sample_size * dims.vae_scale_factor
+        width = opts.width or dims.sample_size * dims.vae_scale_factor
         for arg, value in (("height", height), ("width", width)):
             if value % dims.vae_scale_factor:
                 raise InvalidArgumentError(arg, f"a multiple of the model's VAE factor {dims.vae_scale_factor}", value)
+        if dims.vae_force_upcast and opts.dtype == "float16":
+            logger.info("export: the VAE asks for force_upcast: vae_decoder is exported in float32")
+        bar.total = len(stages) + len(wanted) * (2 if opts.verify else 1) + 1
+        bar.refresh()
         bar.update()
 
         bar.set_postfix_str(stages[1])
-        tokenizer.save_pretrained(tmp / "tokenizer")
+        tokenizers = [k for k in ("tokenizer", "tokenizer_2") if k in comps]
+        for key in tokenizers:
+            comps[key].save_pretrained(tmp / key)
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2, default=str))
         from cfgswitch.calibration import CALIBRATION_FILE  # analyze's plan recommendations travel with the model
@@ -171,10 +193,10 @@ def export_bundle(model: Union[str, Path, Any], out: Union[str, Path], options: 
         ex_rows = 2 if 2 <= opts.batch_sizes[-1] else 1
         graphs: Dict[str, Dict[str, Any]] = {}
         modules, inputs = {}, {}
-        for g in opts.graphs:
+        for g in wanted:
             bar.set_postfix_str(f"export {g}")
             spec = graph_spec(g, dims)
-            modules[g] = graph_module(g, te, unet, vae)
+            modules[g] = graph_module(g, te, unet, vae, dims, comps)
             inputs[g] = example_inputs(spec, dims, opts.dtype, ex_rows, height, width, seed=1)
             exported = export_graph(modules[g], spec, inputs[g], tmp / spec.file, opts.opset)
             graphs[g] = graph_entry(spec, exported, tmp, opts.dtype)
@@ -182,19 +204,21 @@ def export_bundle(model: Union[str, Path, Any], out: Union[str, Path], options: 
         if {"unet", "unet_cfg"} <= set(graphs):
             share_unet_weights(tmp, graphs)  # one copy of the UNet weights on disk
         if opts.verify:
-            for g in opts.graphs:
+            for g in wanted:
                 bar.set_postfix_str(f"verify {g}")
                 graphs[g]["verify"] = compare_graph(modules[g], graph_spec(g, dims), tmp / graphs[g]["file"], inputs[g], opts.dtype)
                 bar.update()
 
         bar.set_postfix_str("manifest")
         manifest = build_manifest(
-            name=name, content_hash=chash, source=source, dims=dims, vae_scaling_factor=scaling,
-            sample_size=sample_size, model_dtype=opts.dtype, opset=opts.opset, batch_sizes=opts.batch_sizes,
+            name=name, content_hash=chash, source=source, dims=dims, vae_scaling_factor=dims.vae_scaling_factor,
+            sample_size=dims.sample_size, model_dtype=opts.dtype, opset=opts.opset, batch_sizes=opts.batch_sizes,
             image_sizes=[(height, width)], graphs=graphs,
-            files=file_records(tmp, ["tokenizer", "scheduler/scheduler_config.json"]),
+            files=file_records(tmp, tokenizers + ["scheduler/scheduler_config.json"]),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        ) if set(opts.graphs) == set(GRAPH_NAMES) else _partial_manifest(graphs, opts)
+            tokenizer_2_dir="tokenizer_2" if "tokenizer_2" in comps else None,
+            force_zeros_for_empty_prompt=comps.get("force_zeros_for_empty_prompt"),
+        ) if set(wanted) == set(table) else _partial_manifest(graphs, opts)
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         bar.update()
         _move_into_place(tmp, out, opts.overwrite)

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from cfgswitch.bundle import BUNDLE_FORMAT, SCHEMA_VERSION, sha256_file
-from cfgswitch.io_specs import GraphSpec, ModelDims, graph_spec, resolve_shape, role_binding, shape_env
+from cfgswitch.io_specs import GraphSpec, graph_spec, resolve_shape, role_binding, shape_env
+from cfgswitch.model_spec import ModelSpec
 
 from .onnx_export import ExportedGraph
 
 #: Model folder parts whose files make the content hash.
-_HASHED_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "scheduler", "tokenizer")
+_HASHED_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "scheduler", "tokenizer", "text_encoder_2",
+                 "tokenizer_2")
 
 
 def content_hash_dir(path: Path) -> str:
@@ -107,7 +109,7 @@ def file_records(root: Path, parts: Iterable[str]) -> Dict[str, Dict[str, Any]]:
     return records
 
 
-def role_entries(dims: ModelDims, graphs: Dict[str, Dict[str, Any]], model_dtype: str, batch_sizes: Sequence[int],
+def role_entries(dims: ModelSpec, graphs: Dict[str, Dict[str, Any]], model_dtype: str, batch_sizes: Sequence[int],
                  image_sizes: Sequence[Tuple[int, int]]) -> Dict[str, Dict[str, Any]]:
     """Per role (``cfg``, ``late``): its graph, file, sha256, tensors and concrete shapes per supported request."""
     roles = {}
@@ -131,26 +133,35 @@ def role_entries(dims: ModelDims, graphs: Dict[str, Dict[str, Any]], model_dtype
     return roles
 
 
-def build_manifest(*, name: str, content_hash: str, source: str, dims: ModelDims, vae_scaling_factor: float,
+def build_manifest(*, name: str, content_hash: str, source: str, dims: ModelSpec, vae_scaling_factor: float,
                    sample_size: int, model_dtype: str, opset: int, batch_sizes: Iterable[int],
                    image_sizes: Iterable[Tuple[int, int]], graphs: Dict[str, Dict[str, Any]],
                    files: Dict[str, Dict[str, Any]],
                    tokenizer_dir: str = "tokenizer", scheduler_config: str = "scheduler/scheduler_config.json",
-                   created: Optional[str] = None) -> Dict[str, Any]:
+                   created: Optional[str] = None, tokenizer_2_dir: Optional[str] = None,
+                   force_zeros_for_empty_prompt: Optional[bool] = None) -> Dict[str, Any]:
     """The whole manifest (schema version :data:`cfgswitch.bundle.SCHEMA_VERSION`).
 
     ``files`` holds the sha256 records of the tokenizer files and the scheduler config
-    (:func:`file_records`); the runtime refuses a bundle whose manifest lacks them.
+    (:func:`file_records`); the runtime refuses a bundle whose manifest lacks them. ``family``
+    names the model family; ``dims`` is :meth:`ModelSpec.dims_json` (SDXL adds its text encoders
+    and added conditioning). An SDXL bundle also records ``tokenizer_2`` (its second tokenizer's
+    folder) and ``force_zeros_for_empty_prompt``.
     """
     bs = sorted(set(int(b) for b in batch_sizes))
     sizes = [[int(h), int(w)] for h, w in image_sizes]
+    family: Dict[str, Any] = {}
+    if tokenizer_2_dir is not None:
+        family["tokenizer_2"] = tokenizer_2_dir
+    if force_zeros_for_empty_prompt is not None:
+        family["force_zeros_for_empty_prompt"] = bool(force_zeros_for_empty_prompt)
     return {
         "format": BUNDLE_FORMAT,
         "schema_version": SCHEMA_VERSION,
         "created": created,
         "model": {"name": name, "content_hash": content_hash, "source": source},
-        "dims": {"latent_channels": dims.latent_channels, "vae_scale_factor": dims.vae_scale_factor,
-                 "text_length": dims.text_length, "text_width": dims.text_width},
+        "family": dims.family,
+        "dims": dims.dims_json(),
         "vae_scaling_factor": float(vae_scaling_factor),
         "sample_size": int(sample_size),
         "dtype": model_dtype,
@@ -158,6 +169,7 @@ def build_manifest(*, name: str, content_hash: str, source: str, dims: ModelDims
         "batch_sizes": bs,
         "image_sizes": sizes,
         "tokenizer": tokenizer_dir,
+        **family,
         "scheduler_config": scheduler_config,
         "files": files,
         "graphs": graphs,

@@ -41,6 +41,7 @@ from cfgswitch.bundle import MANIFEST_NAME, read_manifest, sha256_file, verify_g
 from cfgswitch.errors import BackendUnavailableError, BundleError, InvalidArgumentError
 
 from .manifest import write_json_atomic
+from .shared_weights import share_unet_weights
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +306,11 @@ def optimize_bundle(path: Union[str, Path], graphs: Optional[Sequence[str]] = No
                                       f"(tolerance {tolerance:g}); nothing recorded")
                 logger.info("optimize: %s fused %s; max abs diff %.3g", g, ", ".join(info["fusions"]) or "nothing", diff)
             records[g] = rec
+        # The fused unet and unet_cfg hold the same weights: store them once, as the bundle's own graphs do.
+        shared = None
+        if {"unet", "unet_cfg"} <= set(records):
+            staged = {g: {"file": Path(bundle.graph_entry(g)["file"]).name} for g in ("unet", "unet_cfg")}
+            shared = share_unet_weights(tmp, staged, check=False)  # contrib ops: onnx.checker does not know them
         # Phase 2: move the complete files into ort/ (not referenced by the manifest yet).
         out_dir = root / ORT_DIR
         out_dir.mkdir(exist_ok=True)
@@ -316,6 +322,8 @@ def optimize_bundle(path: Union[str, Path], graphs: Optional[Sequence[str]] = No
             onnx_file = out_dir / Path(bundle.graph_entry(g)["file"]).name
             rec.update(_record(root, onnx_file))
             data = onnx_file.with_name(onnx_file.name + ".data")
+            if shared is not None and g in ("unet", "unet_cfg"):
+                data = out_dir / shared.name
             if data.is_file():
                 rec["external_data"] = _record(root, data)
         # Phase 3: the manifest, replaced atomically.

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Before torch loads its OpenMP runtime: idle OpenMP threads sleep instead of spinning, so the
 # test process, the servers it starts and other processes on 2 cores do not starve each other.
 # Results do not change (the thread count is the same); only waiting does.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Engine, OpenVINO and ONNX Runtime caches of the test run stay out of the user's cache folder.
+if "CFGSWITCH_CACHE" not in os.environ:
+    import atexit
+    import shutil
+
+    os.environ["CFGSWITCH_CACHE"] = tempfile.mkdtemp(prefix="cfgswitch-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CFGSWITCH_CACHE"], True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -37,6 +45,22 @@ def tiny_sampler(tiny_model_dir):
     from cfgswitch import Sampler
 
     return Sampler.from_diffusers(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe():
+    """A tiny random-weight ``StableDiffusionXLPipeline`` (diffusers' ``get_dummy_components`` style)."""
+    from cfgswitch.tiny_model import tiny_sdxl_pipeline
+
+    return tiny_sdxl_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl_sampler(sdxl_pipe):
+    """The tiny SDXL pipeline on the torch backend."""
+    from cfgswitch import Sampler
+
+    return Sampler.from_diffusers(sdxl_pipe)
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,7 @@ def test_load_default_is_the_embedded_model():
     assert s.backend == "torch" and s.source == str(path)
     ref = Sampler.from_diffusers(path)
     assert s.spec == ref.spec
+    assert Sampler.from_diffusers("default").spec == ref.spec  # "default" wherever a model is taken
 
 
 # ------------------------------------------------------------------ registering and assembling

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from cfgswitch.io_specs import (
-    GRAPH_NAMES, ModelDims, Profile, graph_spec, graph_specs, profiles_for, resolve_shape, role_binding, shape_env,
+    GRAPH_NAMES, ModelSpec, Profile, graph_spec, graph_specs, profiles_for, resolve_shape, role_binding, shape_env,
 )
 
-SD = ModelDims(latent_channels=4, vae_scale_factor=8, text_length=77, text_width=768)
+SD = ModelSpec(latent_channels=4, vae_scale_factor=8, text_length=77, text_width=768)
 
 
 def test_every_graph_has_its_tensors():
@@ -60,3 +60,52 @@ def test_profile_json_round_trip_and_cover():
     assert p.covers(3, 512, 512) and not p.covers(5, 512, 512) and not p.covers(2, 576, 512)
     with pytest.raises(ValueError, match="must not be empty"):
         profiles_for("late", SD, [], [(512, 512)])
+
+
+# ------------------------------------------------------------------ SDXL's table from its family
+@pytest.fixture(scope="module")
+def tiny_sdxl_spec():
+    from cfgswitch.families import get_family
+    from cfgswitch.tiny_model import tiny_sdxl_components
+
+    return get_family("sdxl").model_spec(tiny_sdxl_components(), "tiny-sdxl")
+
+
+def test_sd_table_is_unchanged_and_sdxl_table_comes_from_its_family(tiny_sdxl_spec):
+    from cfgswitch.io_specs import components, graph_names
+
+    assert graph_names(SD) == GRAPH_NAMES and components(SD) == ("text_encoder", "cfg", "late", "vae_decoder")
+    x = graph_specs(tiny_sdxl_spec)
+    assert tuple(x) == ("text_encoder", "text_encoder_2", "unet", "unet_cfg", "vae_decoder")
+    assert components(tiny_sdxl_spec) == ("text_encoder", "text_encoder_2", "cfg", "late", "vae_decoder")
+    assert [(t.name, t.shape) for t in x["text_encoder"].outputs] == [("hidden_states", ("T", 77, 32))]
+    assert [(t.name, t.shape) for t in x["text_encoder_2"].outputs] == [("hidden_states", ("T", 77, 32)),
+                                                                       ("text_embeds", ("T", 32))]
+    assert [(t.name, t.shape) for t in x["unet"].inputs[2:]] == [
+        ("encoder_hidden_states", ("B", 77, 64)), ("text_embeds", ("B", 32)), ("time_ids", ("B", 6))]
+    assert [(t.name, t.shape) for t in x["unet_cfg"].inputs[2:]] == [
+        ("encoder_hidden_states", ("2B", 77, 64)), ("guidance_scale", ("B",)), ("text_embeds", ("2B", 32)),
+        ("time_ids", ("2B", 6))]
+    # SDXL's VAE asks for force_upcast: its graph stays float32 in an fp16 bundle
+    assert x["vae_decoder"].inputs[0].resolved_dtype("float16") == "float32"
+    assert graph_spec("vae_decoder", SD).inputs[0].resolved_dtype("float16") == "float16"
+
+
+def test_sdxl_tensorrt_profiles_cover_the_added_inputs(tiny_sdxl_spec):
+    from cfgswitch.io_specs import plan_specs
+
+    (cfg,) = profiles_for("cfg", tiny_sdxl_spec, [1, 3], [(64, 64)], static=False)
+    assert cfg.shapes["text_embeds"] == ((2, 32), (6, 32), (6, 32))
+    assert cfg.shapes["time_ids"] == ((2, 6), (6, 6), (6, 6))
+    assert cfg.shapes["encoder_hidden_states"] == ((2, 77, 64), (6, 77, 64), (6, 77, 64))
+    late = profiles_for("late", tiny_sdxl_spec, [1, 3], [(64, 64)], static=True)
+    assert [p.shapes["text_embeds"][0] for p in late] == [(1, 32), (3, 32)]
+    assert [p.shapes["time_ids"][0] for p in late] == [(1, 6), (3, 6)]
+    shared = profiles_for("cfg", tiny_sdxl_spec, [3], [(64, 64)], layout="shared")
+    assert shared[0].shapes["time_ids"] == ((6, 6),) * 3 and shared[0].shapes["sample"] == ((6, 4, 32, 32),) * 3
+    (te2,) = profiles_for("text_encoder_2", tiny_sdxl_spec, [1, 3], [(64, 64)])
+    assert te2.shapes == {"input_ids": ((1, 77), (3, 77), (3, 77))}
+    plans = {p.name: p for p in plan_specs(tiny_sdxl_spec, [1, 3], [(64, 64)])}
+    assert list(plans) == ["text_encoder", "text_encoder_2", "unet_cfg", "unet", "vae_decoder"]
+    assert set(plans["unet_cfg"].profiles[0].shapes) == {"sample", "timestep", "encoder_hidden_states",
+                                                         "guidance_scale", "text_embeds", "time_ids"}

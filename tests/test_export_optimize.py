@@ -86,6 +86,10 @@ def test_manifest_records_the_fusions_and_options(optimized_bundle):
     assert {"enable_nhwc_conv", "enable_packed_qkv", "enable_group_norm"} <= set(note["disabled_fusions"])
     assert note["model_types"] == {"text_encoder": "clip", "unet": "unet", "unet_cfg": "unet", "vae_decoder": "vae"}
     verify_graphs(read_manifest(optimized_bundle))  # the bundle still checks out
+    # The fused UNet graphs keep the weights once, in one file of ort/, as the reference graphs do.
+    unet, cfg = (manifest["graphs"][g]["ort_optimized"]["external_data"] for g in ("unet", "unet_cfg"))
+    assert unet == cfg and unet["file"] == "ort/unet_weights.onnx.data"
+    assert sorted(p.name for p in (optimized_bundle / "ort").glob("*.data")) == ["unet_weights.onnx.data"]
 
 
 def test_optimized_bundle_generates_like_the_original(optimized_bundle, tiny_bundle):  # noqa: F811

@@ -11,9 +11,9 @@ from _bundle_fixtures import bundle_copy, tiny_bundle  # noqa: F401  (fixtures)
 
 from cfgswitch.cli import main
 from cfgswitch.errors import BundleError, EngineMismatchError, InvalidArgumentError
-from cfgswitch.io_specs import ModelDims, plan_specs, profiles_for, select_profile
+from cfgswitch.io_specs import ModelSpec, plan_specs, profiles_for, select_profile
 
-SD = ModelDims(latent_channels=4, vae_scale_factor=8, text_length=77, text_width=768)
+SD = ModelSpec(latent_channels=4, vae_scale_factor=8, text_length=77, text_width=768)
 
 
 # ------------------------------------------------------------------ profiles per role and layout

@@ -30,18 +30,6 @@ SEEDS = [3, 4, 5]
 NAMES = ("prompt_embeds", "add_text_embeds", "add_time_ids")
 
 
-@pytest.fixture(scope="module")
-def sdxl_pipe():
-    from cfgswitch.tiny_model import tiny_sdxl_pipeline
-
-    return tiny_sdxl_pipeline(seed=0)
-
-
-@pytest.fixture(scope="module")
-def sdxl_sampler(sdxl_pipe):
-    return Sampler.from_diffusers(sdxl_pipe)
-
-
 def _classes():
     import diffusers
 

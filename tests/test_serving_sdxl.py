@@ -20,20 +20,6 @@ LIMITS = ServeLimits(max_steps=20, max_batch=4, max_image_side=64, max_prompt_by
 KW = dict(limits=LIMITS, default_size=64, vae_factor=8)
 
 
-@pytest.fixture(scope="module")
-def sdxl_pipe():
-    from cfgswitch.tiny_model import tiny_sdxl_pipeline
-
-    return tiny_sdxl_pipeline(seed=0)
-
-
-@pytest.fixture(scope="module")
-def sdxl_sampler(sdxl_pipe):
-    from cfgswitch import Sampler
-
-    return Sampler.from_diffusers(sdxl_pipe)
-
-
 def test_size_inputs_are_parsed_per_image():
     jobs = parse_request(req(prompt=["a", "b"], original_size=[[128, 96], [128, 96]], target_size=[[64, 64], [64, 64]]), **KW)
     assert jobs[0].key == jobs[1].key

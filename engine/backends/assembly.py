@@ -1,7 +1,7 @@
 """The one path from a bundle to a :class:`~cfgswitch.Sampler`: pick a backend, make its runners, assemble.
 
 :meth:`cfgswitch.Sampler.load`, Triton's BLS pipeline model, the benchmarks and the GPU
-suite all build their samplers through :func:`assemble`, so the tokenizer, scheduler config
+suite all build their samplers through :func:`assemble`, so the tokenizers, scheduler config
 and model spec of a bundle are read in one place, and a backend is chosen in one place.
 """
 
@@ -87,6 +87,21 @@ def bundle_runners(bundle: Bundle, backend: str, **options: Any):
     return entry.load_factory()(bundle, **options)
 
 
+def check_family_runners(bundle: Bundle, runners: Any) -> None:
+    """Refuse runners that lack a component the bundle's family needs (SDXL's second text encoder).
+
+    Raises:
+        BackendUnavailableError: the backend does not run this family's bundles yet (names the
+            backends that do).
+    """
+    spec = bundle.dims
+    if len(spec.encoders) > 1 and getattr(runners, "text_encoder_2", None) is None:
+        raise BackendUnavailableError(
+            f"backend {getattr(runners, 'backend', '?')!r} does not run {spec.family} bundles yet (it has no runner "
+            f"for {spec.encoders[1].graph}); load this bundle with backend='onnxruntime' or backend='openvino'"
+        )
+
+
 def assemble(bundle: Union[Bundle, str, Path], backend: Optional[str] = None, *, runners: Any = None,
              sampler_cls: Any = None, source: Optional[str] = None, **options: Any):
     """A :class:`~cfgswitch.Sampler` over a bundle: its runners, tokenizer, scheduler config and model spec.
@@ -116,8 +131,10 @@ def assemble(bundle: Union[Bundle, str, Path], backend: Optional[str] = None, *,
             backend, reason = pick_backend(bundle)
             logger.info("backend: %s (%s)", backend, reason)
         runners = bundle_runners(bundle, backend, **options)
+    check_family_runners(bundle, runners)
+    extras = bundle.family_extras()  # SDXL: the second tokenizer and force_zeros_for_empty_prompt
     return sampler_cls(runners, bundle.load_tokenizer(), bundle.scheduler_config(), bundle.model_spec(),
-                       source=source or str(bundle.path))
+                       source=source or str(bundle.path), **({"extras": extras} if extras else {}))
 
 
-__all__ = ["assemble", "bundle_runners", "has_tensorrt_plans", "pick_backend"]
+__all__ = ["assemble", "bundle_runners", "check_family_runners", "has_tensorrt_plans", "pick_backend"]

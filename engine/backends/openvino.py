@@ -46,15 +46,17 @@ import torch
 
 from ..bundle import Bundle, check_bundle_request, verify_graphs
 from ..errors import BackendUnavailableError, InvalidArgumentError
-from ..io_specs import GRAPH_NAMES, GraphSpec, graph_spec
+from ..io_specs import GraphSpec, graph_specs, resolve_shape, shape_env
 from ..runners.base import Runners
-from ..runners.graph_runners import GraphGuidedUNet, GraphTextEncoder, GraphUNet, GraphVaeDecoder
+from ..runners.graph_runners import GraphGuidedUNet, GraphPooledTextEncoder, GraphTextEncoder, GraphUNet, GraphVaeDecoder
 
 logger = logging.getLogger(__name__)
 
 OPENVINO_EXTRA = "pip install 'cfgswitch[openvino]'"
 #: The role each bundle graph serves (the ``threads`` mapping's keys).
-GRAPH_ROLES: Dict[str, str] = {"text_encoder": "text_encoder", "unet_cfg": "cfg", "unet": "late", "vae_decoder": "vae_decoder"}
+GRAPH_ROLES: Dict[str, str] = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet_cfg": "cfg",
+                               "unet": "late", "vae_decoder": "vae_decoder"}
+_ROLES: Tuple[str, ...] = tuple(dict.fromkeys(GRAPH_ROLES.values()))
 #: ``precision`` values and OpenVINO's ``INFERENCE_PRECISION_HINT`` for each.
 PRECISIONS: Dict[str, str] = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
 #: ``hint`` values and OpenVINO's ``PERFORMANCE_HINT`` for each.
@@ -118,8 +120,8 @@ def check_threads(threads: ThreadsArg) -> ThreadsArg:
         return threads
     if isinstance(threads, Mapping):
         for role, value in threads.items():
-            if role not in GRAPH_ROLES.values():
-                raise InvalidArgumentError("threads", f"roles among {', '.join(GRAPH_ROLES.values())}", role)
+            if role not in _ROLES:
+                raise InvalidArgumentError("threads", f"roles among {', '.join(_ROLES)}", role)
             if value is not None and not positive(value):
                 raise InvalidArgumentError(f"threads[{role!r}]", "a positive integer or None", value)
         return dict(threads)
@@ -185,19 +187,24 @@ class OvGraph:
                         compiled.get_property("INFERENCE_NUM_THREADS"), ", from the blob cache" if _from_cache(compiled) else "")
             return entry
 
-    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
-        """Run the graph on torch tensors (cast and made contiguous as needed); returns a fresh float32 tensor."""
+    def __call__(self, *tensors: torch.Tensor) -> "torch.Tensor | Tuple[torch.Tensor, ...]":
+        """Run the graph on torch tensors (cast and made contiguous as needed); returns a fresh float32 tensor
+        (a tuple of them for a graph with several outputs, SDXL's ``text_encoder_2``)."""
         shapes = self._check(tensors)
         compiled, request, lock = self._compiled.get(shapes) or self.compiled_for(shapes)
         xs = [x.detach().to(device="cpu", dtype=dt).contiguous() for x, dt in zip(tensors, self.in_dtypes)]
-        out = compiled.output(self.spec.outputs[0].name)
-        y = torch.empty(tuple(out.get_shape()), dtype=_TORCH[out.get_element_type().to_dtype().name])
+        ys = []
+        for spec_out in self.spec.outputs:
+            out = compiled.output(spec_out.name)
+            ys.append(torch.empty(tuple(out.get_shape()), dtype=_TORCH[out.get_element_type().to_dtype().name]))
         with lock:  # one infer request per shape: concurrent callers (serving threads) take turns
             for t, x in zip(self.spec.inputs, xs):  # by name: the graph's input order is not relied on
                 request.set_tensor(t.name, self._tensor(x.numpy(), shared_memory=True))
-            request.set_tensor(self.spec.outputs[0].name, self._tensor(y.numpy(), shared_memory=True))
+            for spec_out, y in zip(self.spec.outputs, ys):
+                request.set_tensor(spec_out.name, self._tensor(y.numpy(), shared_memory=True))
             request.infer()
-        return y if y.dtype == torch.float32 else y.float()
+        ys = [y if y.dtype == torch.float32 else y.float() for y in ys]
+        return ys[0] if len(ys) == 1 else tuple(ys)
 
 
 def _from_cache(compiled) -> Optional[bool]:
@@ -264,22 +271,23 @@ def openvino_runners(bundle: Bundle, device: str = "CPU", threads: ThreadsArg = 
     base = {"PERFORMANCE_HINT": _choice("hint", hint, HINTS),
             "INFERENCE_PRECISION_HINT": _choice("precision", precision, PRECISIONS)}
     folder = _cache_folder(cache_dir)
+    names = bundle.graph_names  # the family's graphs (SDXL: text_encoder_2 too)
     if verify_files:
-        verify_graphs(bundle, GRAPH_NAMES)
+        verify_graphs(bundle, names)
     version = ov.get_version()
     device_name = str(core.get_property(dev, "FULL_DEVICE_NAME"))
     cores = usable_cores()
-    dims = bundle.dims
+    specs = graph_specs(bundle.dims)
     graphs: Dict[str, OvGraph] = {}
     caches: Dict[str, str] = {}
-    for name in GRAPH_NAMES:
+    for name in names:
         role = GRAPH_ROLES[name]
         config = dict(base)
         if folder is not None:
             key = blob_cache_key(bundle.graph_entry(name)["sha256"], version, device_name)
             caches[name] = str(folder / f"{name}-{key[:16]}")
             config["CACHE_DIR"] = caches[name]
-        graphs[name] = OvGraph(core, core.read_model(str(bundle.graph_path(name))), graph_spec(name, dims), bundle.dtype,
+        graphs[name] = OvGraph(core, core.read_model(str(bundle.graph_path(name))), specs[name], bundle.dtype,
                                dev, config, _role_threads(threads, role, cores))
     logger.info("openvino %s on %s (%s): threads %s, precision %s, hint %s", version, dev, device_name,
                 threads if threads is not None else "default", precision, hint)
@@ -302,25 +310,23 @@ def openvino_runners(bundle: Bundle, device: str = "CPU", threads: ThreadsArg = 
               "device_name": device_name, "threads": threads, "precision": precision, "hint": hint,
               "cache_dirs": caches},
         check_request=check_request,
+        text_encoder_2=GraphPooledTextEncoder(graphs["text_encoder_2"]) if "text_encoder_2" in graphs else None,
     )
 
 
 def bundle_shapes(bundle: Bundle) -> List[Tuple[str, Tuple[Tuple[int, ...], ...]]]:
     """``[(graph, input shapes)]`` a request at each of the bundle's batch and image sizes runs.
 
-    The text encoder at B prompts, the ``cfg`` role at B latents (2B embedding rows), the ``late``
-    role and the VAE decoder at B rows.
+    The text encoders at B prompts, the ``cfg`` role at B latents (2B embedding rows, and 2B rows
+    of SDXL's added conditioning), the ``late`` role and the VAE decoder at B rows.
     """
     d = bundle.dims
-    c, L, C = d.latent_channels, d.text_length, d.text_width
+    specs = graph_specs(d)
     out: List[Tuple[str, Tuple[Tuple[int, ...], ...]]] = []
     for height, width in bundle.image_sizes:
-        h, w = height // d.vae_scale_factor, width // d.vae_scale_factor
         for b in bundle.batch_sizes:
-            out += [("text_encoder", ((b, L),)),
-                    ("unet_cfg", ((b, c, h, w), (b,), (2 * b, L, C), (b,))),
-                    ("unet", ((b, c, h, w), (b,), (b, L, C))),
-                    ("vae_decoder", ((b, c, h, w),))]
+            env = shape_env(b, height, width, d.vae_scale_factor)
+            out += [(name, tuple(resolve_shape(t.shape, env) for t in spec.inputs)) for name, spec in specs.items()]
     return out
 
 

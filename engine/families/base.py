@@ -8,6 +8,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import InvalidArgumentError, ModelLoadError
+from ..io_specs import GraphSpec, TensorSpec
+from ..model_spec import ModelSpec, TextEncoderSpec
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class Family:
     name = "base"
     pipeline_classes: Tuple[str, ...] = ()
     size_conditioning = False
+    #: output name of each text-encoder graph's hidden states (SD: CLIP's last hidden state)
+    hidden_output = "last_hidden_state"
 
     def matches(self, class_name: str, unet_config: Dict[str, Any]) -> bool:
         """Whether a folder or object of that pipeline class and UNet config is this family."""
@@ -103,6 +107,78 @@ class Family:
     def text_width(self, components: Dict[str, Any]) -> int:
         """The UNet's cross-attention width."""
         return int(components["unet"].config.cross_attention_dim)
+
+    def text_encoders(self, components: Dict[str, Any]) -> Tuple[TextEncoderSpec, ...]:
+        """The text encoders' specs; empty means one ``text_encoder`` of the UNet's width (SD 1.x/2.x)."""
+        return ()
+
+    def vae_force_upcast(self, components: Dict[str, Any]) -> bool:
+        """Whether the VAE decodes in float32 in a float16 model (SD 1.x/2.x: no, as diffusers' SD pipeline)."""
+        return False
+
+    def model_spec(self, components: Dict[str, Any], name: str) -> ModelSpec:
+        """The :class:`~cfgswitch.model_spec.ModelSpec` of loaded components (``unet``, ``vae``,
+        ``text_encoder``, ``tokenizer``, and the family's others)."""
+        unet, vae, te, tok = components["unet"], components["vae"], components["text_encoder"], components["tokenizer"]
+        return ModelSpec(
+            latent_channels=int(unet.config.in_channels),
+            vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
+            vae_scaling_factor=float(vae.config.scaling_factor),
+            sample_size=int(unet.config.sample_size),
+            text_length=int(min(tok.model_max_length, te.config.max_position_embeddings)),
+            text_width=self.text_width(components),
+            name=name,
+            family=self.name,
+            added=self.added_widths(components),
+            text_encoders=self.text_encoders(components),
+            vae_force_upcast=self.vae_force_upcast(components),
+        )
+
+    def graph_table(self, spec: ModelSpec) -> Dict[str, GraphSpec]:
+        """The family's exported graphs by name, in export order (what :mod:`cfgswitch.io_specs` serves).
+
+        One graph per text encoder (``input_ids [T, L]`` to its hidden states ``[T, L, width]``,
+        and its pooled projection ``text_embeds [T, pooled]`` when it has one), the plain UNet
+        ``unet`` (``B`` rows), the guided ``unet_cfg`` (``B`` latents, ``2B`` rows of every
+        conditioning tensor, the combine inside) and ``vae_decoder``. The UNet graphs take the
+        family's added conditioning after their SD inputs, in name order. SD 1.x/2.x get the
+        table they always had (same names, tensors and order).
+        """
+        c, L, C = spec.latent_channels, spec.text_length, spec.text_width
+        table: Dict[str, GraphSpec] = {}
+        for enc in spec.encoders:
+            outputs = [TensorSpec(self.hidden_output, "model", ("T", L, enc.width))]
+            if enc.pooled:
+                outputs.append(TensorSpec("text_embeds", "model", ("T", enc.pooled)))
+            table[enc.graph] = GraphSpec(enc.graph, inputs=(TensorSpec("input_ids", "int64", ("T", L)),),
+                                         outputs=tuple(outputs), rows="T")
+
+        def added(rows: str) -> Tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(k, "model", (rows, spec.added[k])) for k in spec.added_names)
+
+        table["unet"] = GraphSpec(
+            "unet",
+            inputs=(TensorSpec("sample", "model", ("B", c, "h", "w")), TensorSpec("timestep", "float32", ("B",)),
+                    TensorSpec("encoder_hidden_states", "model", ("B", L, C))) + added("B"),
+            outputs=(TensorSpec("noise_pred", "model", ("B", c, "h", "w")),),
+            rows="B",
+        )
+        table["unet_cfg"] = GraphSpec(
+            "unet_cfg",
+            inputs=(TensorSpec("sample", "model", ("B", c, "h", "w")), TensorSpec("timestep", "float32", ("B",)),
+                    TensorSpec("encoder_hidden_states", "model", ("2B", L, C)),
+                    TensorSpec("guidance_scale", "float32", ("B",))) + added("2B"),
+            outputs=(TensorSpec("noise_pred", "model", ("B", c, "h", "w")),),
+            rows="B",
+        )
+        vae_dtype = "float32" if spec.vae_force_upcast else "model"
+        table["vae_decoder"] = GraphSpec(
+            "vae_decoder",
+            inputs=(TensorSpec("latents", vae_dtype, ("B", c, "h", "w")),),
+            outputs=(TensorSpec("image", vae_dtype, ("B", 3, "H", "W")),),
+            rows="B",
+        )
+        return table
 
     def encode(self, sampler: Any, prompts: Sequence[str], negatives: Sequence[str], n_per: int, *,
                negative_none: bool, sizes: Optional[SizeConditioning]) -> Tuple[Any, List[str]]:

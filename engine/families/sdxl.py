@@ -11,7 +11,13 @@ Text encoding as diffusers' ``StableDiffusionXLPipeline.encode_prompt`` does it:
   negative side may have its own), one row per image.
 
 The VAE is kept in float32 when the model is loaded in float16 and its config asks for
-``force_upcast`` (SDXL's VAE overflows in float16), as diffusers upcasts it to decode.
+``force_upcast`` (SDXL's VAE overflows in float16), as diffusers upcasts it to decode; an
+fp16 bundle then has a float32 ``vae_decoder`` graph.
+
+The same recipe runs on the torch modules (``Sampler.from_diffusers``) and on a bundle's
+runners (``text_encoder`` gives the first encoder's penultimate hidden state,
+``text_encoder_2`` its penultimate hidden state and pooled ``text_embeds``), with the
+tokenizers the bundle saved.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 from ..conditioning import TEXT, Conditioning
 from ..errors import ModelLoadError
+from ..model_spec import TextEncoderSpec
 from .base import Family, SizeConditioning, prepare_modules
 
 logger = logging.getLogger(__name__)
@@ -38,6 +45,7 @@ class SDXL(Family):
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     size_conditioning = True
+    hidden_output = "hidden_states"
 
     def matches_object(self, pipe: Any) -> bool:
         return getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "unet", None) is not None
@@ -98,36 +106,65 @@ class SDXL(Family):
     def added_widths(self, components: Dict[str, Any]) -> Dict[str, int]:
         return {"text_embeds": int(components["text_encoder_2"].config.projection_dim), "time_ids": 6}
 
+    def text_encoders(self, components: Dict[str, Any]) -> Tuple[TextEncoderSpec, ...]:
+        te1, te2 = components["text_encoder"].config, components["text_encoder_2"].config
+        return (TextEncoderSpec("text_encoder", int(te1.hidden_size), penultimate=True),
+                TextEncoderSpec("text_encoder_2", int(te2.hidden_size), int(te2.projection_dim), penultimate=True))
+
+    def vae_force_upcast(self, components: Dict[str, Any]) -> bool:
+        return bool(getattr(components["vae"].config, "force_upcast", False))
+
+    @staticmethod
+    def _encoders(sampler: Any):
+        """``(tokenizer, call)`` per encoder, ``call(ids) -> (penultimate hidden state, pooled or None)``:
+        the torch modules when the sampler has them, else the bundle's runners."""
+        m = sampler.modules
+        device = sampler.runners.device
+        if "text_encoder_2" in m:
+            def module_call(enc):
+                def call(ids: torch.Tensor):
+                    with torch.no_grad():
+                        out = enc(ids.to(device), output_hidden_states=True)
+                    return out.hidden_states[-2], (out[0] if out[0].ndim == 2 else None)
+                return call
+
+            return ((m["tokenizer"], module_call(m["text_encoder"])), (m["tokenizer_2"], module_call(m["text_encoder_2"])))
+        runners, extras = sampler.runners, getattr(sampler, "extras", {})
+        if runners.text_encoder_2 is None or "tokenizer_2" not in extras:
+            raise ModelLoadError("sdxl: this sampler has no second text encoder and tokenizer (re-export the bundle)")
+        return ((sampler.tokenizer, lambda ids: (runners.text_encoder.encode(ids), None)),
+                (extras["tokenizer_2"], runners.text_encoder_2.encode_pooled))
+
     # ------------------------------------------------------------------ text
     def encode(self, sampler: Any, prompts: Sequence[str], negatives: Sequence[str], n_per: int, *,
                negative_none: bool = False, sizes: Optional[SizeConditioning] = None) -> Tuple[Conditioning, List[str]]:
         from ..tokenizer import tokenize, truncation_warnings
 
         m = sampler.modules
+        parts = {**getattr(sampler, "extras", {}), **m}
         device = sampler.runners.device
         length = sampler.spec.text_length
-        pairs = ((m["tokenizer"], m["text_encoder"]), (m["tokenizer_2"], m["text_encoder_2"]))
+        pairs = self._encoders(sampler)
         warnings: List[str] = []
 
         def embed(texts: Sequence[str], label: str) -> Tuple[torch.Tensor, torch.Tensor]:
             hidden, pooled = [], None
-            for k, (tok, enc) in enumerate(pairs):
+            for k, (tok, call) in enumerate(pairs):
                 ids = tokenize(tok, texts, length)
                 if k == 0:
                     warnings.extend(truncation_warnings(texts, ids, label))
-                with torch.no_grad():
-                    out = enc(ids.input_ids.to(device), output_hidden_states=True)
-                if pooled is None and out[0].ndim == 2:
-                    pooled = out[0]
-                hidden.append(out.hidden_states[-2])
+                h, p = call(ids.input_ids)
+                if pooled is None and p is not None:
+                    pooled = p
+                hidden.append(h)
             return torch.cat(hidden, dim=-1), pooled
 
         cond, cond_pooled = embed(prompts, "prompt")
-        if negative_none and m.get("force_zeros_for_empty_prompt", True):
+        if negative_none and parts.get("force_zeros_for_empty_prompt", True):
             uncond, uncond_pooled = torch.zeros_like(cond), torch.zeros_like(cond_pooled)
         else:
             uncond, uncond_pooled = embed(negatives, "negative prompt")
-        dtype = m["text_encoder_2"].dtype
+        dtype = m["text_encoder_2"].dtype if "text_encoder_2" in m else sampler.runners.dtype
         if sizes is None:
             raise ModelLoadError("sdxl: a request needs its size conditioning (original and target size)")
         batch = len(prompts)

@@ -1,49 +1,22 @@
-"""The runner protocols every backend implements, and the model facts the loop needs.
+"""The runner protocols every backend implements.
 
 All runners take and return torch tensors on the sampler's device; a backend
 that computes elsewhere (ONNX Runtime, TensorRT) converts at its boundary.
 Rows are ordered ``[uncond_0..uncond_{B-1}, cond_0..cond_{B-1}]`` (diffusers' order).
+UNet runners take a family's added conditioning (SDXL: ``text_embeds``, ``time_ids``) as
+``added=``, a dict by name with one row per sample row, beside ``encoder_hidden_states``.
+:class:`~cfgswitch.model_spec.ModelSpec` lives in :mod:`cfgswitch.model_spec`; it is
+re-exported here for older imports.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Dict, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the loop must know about a model, whatever runs it.
-
-    Attributes:
-        latent_channels (`int`): UNet input channels (4 for SD 1.x/2.x).
-        vae_scale_factor (`int`): image pixels per latent pixel (8 for SD).
-        vae_scaling_factor (`float`): latents are divided by it before decoding (0.18215 for SD 1.x).
-        sample_size (`int`): the UNet's native latent size; default image size is this times the factor.
-        text_length (`int`): tokens per prompt (77).
-        text_width (`int`): text-encoder hidden size (cross-attention dim).
-        name (`str`): a display name of the model.
-        family (`str`, defaults to ``"sd1"``): the model family (:mod:`cfgswitch.families`).
-        added (`dict[str, int]`, optional): the family's added conditioning, name to width
-            (SDXL: ``{"text_embeds": 1280, "time_ids": 6}``); empty for SD 1.x/2.x.
-    """
-
-    latent_channels: int
-    vae_scale_factor: int
-    vae_scaling_factor: float
-    sample_size: int
-    text_length: int
-    text_width: int
-    name: str = "model"
-    family: str = "sd1"
-    added: Dict[str, int] = field(default_factory=dict, hash=False, compare=True)
-
-    @property
-    def default_size(self) -> int:
-        """Default image height and width in pixels."""
-        return self.sample_size * self.vae_scale_factor
+from ..model_spec import ModelSpec  # noqa: F401  (re-exported for older imports)
 
 
 @runtime_checkable
@@ -54,10 +27,18 @@ class TextEncoderRunner(Protocol):
 
 
 @runtime_checkable
-class UNetRunner(Protocol):
-    """The plain UNet: ``eps = unet(sample, timestep, encoder_hidden_states)`` on any row count."""
+class PooledTextEncoderRunner(Protocol):
+    """Token ids ``[N, L]`` to hidden states ``[N, L, C]`` and a pooled projection ``[N, P]`` (SDXL's second encoder)."""
 
-    def predict(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor: ...
+    def encode_pooled(self, input_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@runtime_checkable
+class UNetRunner(Protocol):
+    """The plain UNet: ``eps = unet(sample, timestep, encoder_hidden_states, added)`` on any row count."""
+
+    def predict(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                added: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor: ...
 
 
 @runtime_checkable
@@ -70,6 +51,7 @@ class GuidedUNetRunner(Protocol):
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         guidance_scale: torch.Tensor,
+        added: Optional[Dict[str, torch.Tensor]] = None,
     ) -> torch.Tensor: ...
 
 
@@ -82,7 +64,8 @@ class PairedGuidedUNetRunner(GuidedUNetRunner, Protocol):
     engine or profile. The loop calls it when the runner has it.
     """
 
-    def predict_pair(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor: ...
+    def predict_pair(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                     added: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor: ...
 
 
 @runtime_checkable
@@ -106,6 +89,9 @@ class Runners:
         dtype (`torch.dtype`): the dtype latents are kept in between steps.
         info (`dict`): backend details reported with every result (providers, engine files, ...).
         check_request (`callable`, optional): rejects batch or image sizes the backend cannot run.
+        text_encoder_2 (optional): a :class:`PooledTextEncoderRunner`, for families with a second
+            text encoder (SDXL bundles); ``None`` otherwise (the torch backend's SDXL runs the
+            family's modules).
     """
 
     text_encoder: TextEncoderRunner
@@ -119,3 +105,4 @@ class Runners:
     #: ``check_request(batch=, height=, width=)`` raises a typed error for a request the backend
     #: cannot run (bundle batch sizes, image sizes); ``None`` accepts everything.
     check_request: Optional[Callable[..., None]] = None
+    text_encoder_2: Optional[PooledTextEncoderRunner] = None

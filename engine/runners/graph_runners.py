@@ -2,17 +2,39 @@
 
 ONNX Runtime sessions and Triton BLS engine models both expose one graph as such a
 callable; these adapters give it the runner protocols of :mod:`cfgswitch.runners.base`.
+A graph takes its inputs positionally in :mod:`cfgswitch.io_specs` order: the SD inputs,
+then a family's added conditioning (SDXL: ``text_embeds``, ``time_ids``) in name order,
+which is how the UNet adapters pass the ``added=`` dict. A graph with several outputs
+(SDXL's ``text_encoder_2``) returns a tuple.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from ..kernels_bridge import cfg_combine
 
 Graph = Callable[..., torch.Tensor]
+Added = Optional[Dict[str, torch.Tensor]]
+
+
+def added_inputs(added: Added) -> Tuple[torch.Tensor, ...]:
+    """The added conditioning tensors in the order the graphs take them (by name)."""
+    return tuple(added[k] for k in sorted(added)) if added else ()
+
+
+def _halves(added: Added) -> Tuple[Added, Added]:
+    """``(uncond rows, cond rows)`` of 2B-row added conditioning."""
+    if not added:
+        return None, None
+    parts = {k: v.chunk(2) for k, v in added.items()}
+    return {k: p[0] for k, p in parts.items()}, {k: p[1] for k, p in parts.items()}
+
+
+def _twice(added: Added) -> Added:
+    return {k: torch.cat([v, v]) for k, v in added.items()} if added else None
 
 
 class GraphTextEncoder:
@@ -25,14 +47,30 @@ class GraphTextEncoder:
         return self.graph(input_ids)
 
 
+class GraphPooledTextEncoder:
+    """:class:`~cfgswitch.runners.base.PooledTextEncoderRunner` on a two-output text-encoder graph
+    (SDXL's ``text_encoder_2``: hidden states and pooled ``text_embeds``)."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+
+    def encode_pooled(self, input_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = self.graph(input_ids)
+        return hidden, pooled
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encode_pooled(input_ids)[0]
+
+
 class GraphUNet:
     """:class:`~cfgswitch.runners.base.UNetRunner` on a plain ``unet`` graph (any row count)."""
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
 
-    def predict(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.graph(sample, timestep, encoder_hidden_states)
+    def predict(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                added: Added = None) -> torch.Tensor:
+        return self.graph(sample, timestep, encoder_hidden_states, *added_inputs(added))
 
 
 class GraphGuidedUNet:
@@ -58,32 +96,38 @@ class GraphGuidedUNet:
         self.pair_split = pair_split
 
     def predict_guided(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                       guidance_scale: torch.Tensor) -> torch.Tensor:
+                       guidance_scale: torch.Tensor, added: Added = None) -> torch.Tensor:
         if not self.combine_outside:
-            return self.graph(sample, timestep, encoder_hidden_states, guidance_scale)
-        uncond, cond = self.predict_pair(sample, timestep, encoder_hidden_states).chunk(2)
+            return self.graph(sample, timestep, encoder_hidden_states, guidance_scale, *added_inputs(added))
+        uncond, cond = self.predict_pair(sample, timestep, encoder_hidden_states, added).chunk(2)
         return cfg_combine(uncond, cond, guidance_scale)
 
-    def predict_pair(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def predict_pair(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                     added: Added = None) -> torch.Tensor:
         """Both predictions of the CFG role, ``[eps_uncond (B); eps_cond (B)]``, for the adaptive plan's cosine.
 
         Args:
             sample (`torch.Tensor`): ``[B, C, h, w]`` latents.
             timestep (`torch.Tensor`): ``[B]`` timesteps.
             encoder_hidden_states (`torch.Tensor`): ``[2B, L, C]`` embeddings ``[uncond; cond]``.
+            added (`dict`, optional): the family's added conditioning, 2B rows each ``[uncond; cond]``.
         """
+        x2, t2 = torch.cat([sample, sample]), torch.cat([timestep, timestep])
         if self.combine_outside:  # the plain UNet on 2B rows: the CFG role's own profile
-            return self.graph(torch.cat([sample, sample]), torch.cat([timestep, timestep]), encoder_hidden_states)
+            return self.graph(x2, t2, encoder_hidden_states, *added_inputs(added))
         if self.pair_graph is not None:
             if self.pair_split:
                 uncond, cond = encoder_hidden_states.chunk(2)
-                return torch.cat([self.pair_graph(sample, timestep, uncond), self.pair_graph(sample, timestep, cond)])
-            return self.pair_graph(torch.cat([sample, sample]), torch.cat([timestep, timestep]), encoder_hidden_states)
+                a_u, a_c = _halves(added)
+                return torch.cat([self.pair_graph(sample, timestep, uncond, *added_inputs(a_u)),
+                                  self.pair_graph(sample, timestep, cond, *added_inputs(a_c))])
+            return self.pair_graph(x2, t2, encoder_hidden_states, *added_inputs(added))
         # Only the guided graph: u + w (c - u) with both halves equal is that half's prediction, whatever w.
         uncond, cond = encoder_hidden_states.chunk(2)
+        a_u, a_c = _halves(added)
         w = torch.ones_like(timestep)
-        return torch.cat([self.graph(sample, timestep, torch.cat([uncond, uncond]), w),
-                          self.graph(sample, timestep, torch.cat([cond, cond]), w)])
+        return torch.cat([self.graph(sample, timestep, torch.cat([uncond, uncond]), w, *added_inputs(_twice(a_u))),
+                          self.graph(sample, timestep, torch.cat([cond, cond]), w, *added_inputs(_twice(a_c)))])
 
 
 class GraphVaeDecoder:

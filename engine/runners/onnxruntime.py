@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend: a bundle's four graphs run through IO binding.
+"""The ONNX Runtime backend: a bundle's graphs (its family's: four for SD, five for SDXL) run through IO binding.
 
 Inputs are bound by pointer straight from the caller's torch tensors (cast only when
 the graph's dtype differs), and outputs are bound to torch tensors allocated for the
@@ -21,9 +21,9 @@ import torch
 
 from ..bundle import Bundle, check_bundle_request, verify_graphs
 from ..errors import BackendUnavailableError, InvalidArgumentError
-from ..io_specs import GRAPH_NAMES, GraphSpec, graph_spec, resolve_shape
+from ..io_specs import GraphSpec, graph_specs, resolve_shape
 from .base import Runners
-from .graph_runners import GraphGuidedUNet, GraphTextEncoder, GraphUNet, GraphVaeDecoder
+from .graph_runners import GraphGuidedUNet, GraphPooledTextEncoder, GraphTextEncoder, GraphUNet, GraphVaeDecoder
 from .ort_sessions import open_sessions
 
 logger = logging.getLogger(__name__)
@@ -158,9 +158,12 @@ class OrtGraph:
             env["H"], env["W"] = env["h"] * self.factor, env["w"] * self.factor
         return env
 
-    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *tensors: torch.Tensor) -> "torch.Tensor | Tuple[torch.Tensor, ...]":
         """Run the graph on torch tensors (moved to the binding device, cast and made contiguous as needed);
-        returns its output as float32 on that device."""
+        returns its output as float32 on that device (a tuple for a graph with several outputs)."""
+        if len(tensors) != len(self.spec.inputs):
+            raise InvalidArgumentError(f"{self.spec.name} inputs", f"{len(self.spec.inputs)} tensors "
+                                       f"({', '.join(self.spec.input_names)})", len(tensors))
         env = self._env(tensors)
         b = self.session.io_binding()  # per call: cheap, and concurrent callers (serving threads) stay apart
         kind, index = self._where
@@ -180,8 +183,8 @@ class OrtGraph:
         self.session.run_with_iobinding(b)
         if kind == "cuda":
             b.synchronize_outputs()
-        y = outs[0]
-        return y if y.dtype == torch.float32 else y.float()
+        outs = [y if y.dtype == torch.float32 else y.float() for y in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequence[ProviderArg]] = None,
@@ -207,22 +210,24 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
     chosen = check_providers(providers, ort.get_available_providers())
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InvalidArgumentError("threads", "a positive integer (or None for ONNX Runtime's default)", threads)
+    names = bundle.graph_names  # the family's graphs
     if verify_files:
-        verify_graphs(bundle, GRAPH_NAMES)
+        verify_graphs(bundle, names)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         opts.intra_op_num_threads = threads
     dims = bundle.dims
+    specs = graph_specs(dims)
     chosen = with_provider_defaults(chosen, bundle.path.name)
     device = binding_device(chosen)
-    names = [c[0] if isinstance(c, tuple) else c for c in chosen]
-    sessions = open_sessions(ort, bundle, GRAPH_NAMES, opts, names,
+    provider_names = [c[0] if isinstance(c, tuple) else c for c in chosen]
+    sessions = open_sessions(ort, bundle, names, opts, provider_names,
                              [c[1] if isinstance(c, tuple) else {} for c in chosen])
     graphs: Dict[str, OrtGraph] = {
-        name: OrtGraph(sessions[name], graph_spec(name, dims), bundle.dtype, dims.vae_scale_factor, device)
-        for name in GRAPH_NAMES
+        name: OrtGraph(sessions[name], specs[name], bundle.dtype, dims.vae_scale_factor, device)
+        for name in names
     }
     used = graphs["unet"].session.get_providers()
     logger.info("onnxruntime %s: providers %s, %s threads", ort.__version__, ", ".join(used), threads or "default")
@@ -241,6 +246,7 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
         info={"bundle": str(bundle.path), "bundle_dtype": bundle.dtype, "providers": used,
               "threads": threads, "onnxruntime": ort.__version__},
         check_request=check_request,
+        text_encoder_2=GraphPooledTextEncoder(graphs["text_encoder_2"]) if "text_encoder_2" in graphs else None,
     )
 
 

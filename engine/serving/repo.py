@@ -153,13 +153,14 @@ def _copy_bundle_subset(bundle: Bundle, dst: Path, with_graphs: bool, out: Path)
     """
     files = set()
     if with_graphs:
-        for n in GRAPH_NAMES:
+        for n in bundle.graph_names:
             entry = bundle.graph_entry(n)
             files.add(entry["file"])
             if entry.get("external_data"):
                 files.add(entry["external_data"]["file"])
     bundle.scheduler_config()  # checks its sha256
-    files |= set(bundle.tokenizer_files()) | {bundle.manifest["scheduler_config"]}
+    files |= {f for key in bundle.tokenizer_keys for f in bundle.tokenizer_files(key)}
+    files.add(bundle.manifest["scheduler_config"])
     _copy_file(bundle.path / "manifest.json", dst / "manifest.json", out)
     for rel in sorted(files):
         _copy_file(bundle_file(bundle.path, rel, rel), dst / rel, out)
@@ -183,6 +184,10 @@ def write_repository(bundle_path: "str | Path", out: "str | Path", options: Repo
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InvalidArgumentError("--out", "an empty or new folder (or pass --overwrite)", str(out))
     bundle = read_manifest(bundle_path)
+    if options.engines != "onnxruntime" and set(bundle.graph_names) != set(GRAPH_NAMES):
+        raise InvalidArgumentError("--engines", f"onnxruntime for a {bundle.dims.family} bundle (its graphs "
+                                   f"{', '.join(bundle.graph_names)}; the BLS and TensorRT repositories serve the four "
+                                   "graphs of SD 1.x/2.x bundles)", options.engines)
     tensorrt = options.engines == "tensorrt"
     layout = _pick_layout(bundle, options.layout, need_plans=tensorrt)
     if not tensorrt:
