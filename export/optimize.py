@@ -39,6 +39,7 @@ import numpy as np
 
 from cfgswitch.bundle import MANIFEST_NAME, read_manifest, sha256_file, verify_graphs
 from cfgswitch.errors import BackendUnavailableError, BundleError, InvalidArgumentError
+from cfgswitch.io_specs import resolve_shape, shape_env
 
 from .manifest import write_json_atomic
 from .shared_weights import share_unet_weights
@@ -153,30 +154,18 @@ def optimize_graph(src: Path, dst: Path, model_type: str) -> Dict[str, Any]:
     return {"fusions": sorted(stats), "fused_ops": stats, "external_data": data if big and data.is_file() else None}
 
 
-def _shape(dims: Sequence[Any], env: Dict[str, int]) -> List[int]:
-    """A manifest's symbolic shape (``B``, ``2B``, ``T``, ``h``, ``w``, ``H``, ``W`` or ints) made concrete."""
-    out = []
-    for d in dims:
-        if isinstance(d, int):
-            out.append(d)
-        elif d == "2B":
-            out.append(2 * env["B"])
-        elif d in env:
-            out.append(env[d])
-        else:
-            raise BundleError(f"optimize: unknown dimension {d!r} in the manifest (have {', '.join(sorted(env))})")
-    return out
-
-
 def _feeds(bundle, name: str, rng: np.random.Generator) -> Dict[str, np.ndarray]:
     """Small inputs for one graph: 2 images, the bundle's first image size, real token ids."""
     entry = bundle.graph_entry(name)
     height, width = bundle.image_sizes[0]
     factor = int(bundle.manifest["dims"]["vae_scale_factor"])
-    env = {"B": 2, "T": 2, "h": height // factor, "w": width // factor, "H": height, "W": width}
+    env = shape_env(2, height, width, factor)
     feeds: Dict[str, np.ndarray] = {}
     for t in entry["inputs"]:
-        shape = _shape(t["shape"], env)
+        try:
+            shape = list(resolve_shape(t["shape"], env))
+        except KeyError as e:
+            raise BundleError(f"optimize: {name}.{t['name']}: {e.args[0]}") from None
         if t["name"] == "input_ids":
             tok = bundle.load_tokenizer()
             ids = tok(["a photo of a cat", "a large red circle"], padding="max_length", max_length=shape[1],
