@@ -158,6 +158,16 @@ async def _copy_chunked(reader: asyncio.StreamReader, writer: Optional[asyncio.S
             await writer.drain()
 
 
+def _set_front(front: Any, listen_host: str, listen_port: int, upstream_port: int, max_request_bytes: int,
+               upstream_host: str) -> None:
+    """The addresses and the checked size limit every front holds (HTTP and gRPC alike)."""
+    if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
+        raise InvalidArgumentError("max_request_bytes", "an integer >= 1", max_request_bytes)
+    front.listen_host, front.listen_port = listen_host, listen_port
+    front.upstream_host, front.upstream_port = upstream_host, upstream_port
+    front.max_request_bytes = max_request_bytes
+
+
 class RequestSizeFront:
     """A streaming HTTP/1.1 front that caps request bodies before Triton reads them.
 
@@ -171,11 +181,7 @@ class RequestSizeFront:
 
     def __init__(self, listen_host: str, listen_port: int, upstream_port: int, max_request_bytes: int,
                  upstream_host: str = "127.0.0.1") -> None:
-        if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
-            raise InvalidArgumentError("max_request_bytes", "an integer >= 1", max_request_bytes)
-        self.listen_host, self.listen_port = listen_host, listen_port
-        self.upstream_host, self.upstream_port = upstream_host, upstream_port
-        self.max_request_bytes = max_request_bytes
+        _set_front(self, listen_host, listen_port, upstream_port, max_request_bytes, upstream_host)
         self.refused = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server: Optional[asyncio.base_events.Server] = None
@@ -399,11 +405,7 @@ class GrpcSizeFront:
 
     def __init__(self, listen_host: str, listen_port: int, upstream_port: int, max_request_bytes: int,
                  upstream_host: str = "127.0.0.1") -> None:
-        if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
-            raise InvalidArgumentError("max_request_bytes", "an integer >= 1", max_request_bytes)
-        self.listen_host, self.listen_port = listen_host, listen_port
-        self.upstream_host, self.upstream_port = upstream_host, upstream_port
-        self.max_request_bytes = max_request_bytes
+        _set_front(self, listen_host, listen_port, upstream_port, max_request_bytes, upstream_host)
         self._server: Any = None
         self._channel: Any = None
         self._callables: dict = {}
