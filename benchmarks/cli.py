@@ -44,7 +44,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--shapes", default="auto", choices=("auto", "yes", "no"),
                    help="shapes-world captions and scorer: auto = for the embedded model only")
     add_sampling_options(p, plan=False)
-    p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: torch's own choice, capped at the idle cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch, onnxruntime and openvino threads (default: torch's own choice, capped at the idle cores)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--suite", default="plans", choices=("plans", "serving", "peers"),

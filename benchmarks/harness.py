@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from cfgswitch.backends.registry import get_backend
 from .baseline import DiffusersBaseline, baseline_plans, baseline_switch_step
 from .config import BenchConfig, check_config
 from .derive import derive
@@ -92,7 +93,8 @@ def load_samplers(cfg: BenchConfig, model_dir: Optional[Path], work_dir: Path, n
                 height=cfg.height, width=cfg.width, batch_sizes=cfg.batches), progress=False))
             notes.append(f"{backend}: ran a float32 ONNX bundle exported from the model for this run "
                          f"(batch sizes {cfg.batches}; export took {time.perf_counter() - start:.1f} s, not timed)")
-        options = {"threads": cfg.threads} if backend == "onnxruntime" and cfg.threads is not None else {}
+        takes_threads = "threads" in get_backend(backend).options  # onnxruntime, openvino
+        options = {"threads": cfg.threads} if takes_threads and cfg.threads is not None else {}
         samplers[backend] = Sampler.load(bundle, backend=backend, **options)
     for backend, sampler in samplers.items():
         logger.info("loaded %s on %s", _display_path(Path(sampler.source)), backend)

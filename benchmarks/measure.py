@@ -79,9 +79,13 @@ def role_inputs(sampler, prompts: Sequence[str], steps: int, scheduler: str, gui
 
 
 def time_roles(sampler, inputs: RoleInputs, repeat: int, warmup: int = 1) -> Tuple[List[float], List[float]]:
-    """Seconds of ``repeat`` ``cfg`` calls and ``repeat`` ``late`` calls, interleaved (cfg, late, cfg, ...).
+    """Seconds of ``repeat`` ``cfg`` calls and ``repeat`` ``late`` calls, the roles taking turns.
 
     Calls go straight to ``sampler.runners.unet_cfg.predict_guided`` and ``sampler.runners.unet.predict``.
+    Each timed call follows an untimed call of the same role, as inside the denoising loop, where a
+    role runs several steps in a row: on ONNX Runtime with more than one thread, the other role's
+    session keeps its threads spinning for a while after its run, and a call right after it was
+    measured 1.5-1.8x slower than in a run of calls (2-core machine, 2 threads).
     """
     device = sampler.runners.device
     cfg_runner, late_runner = sampler.runners.unet_cfg, sampler.runners.unet
@@ -102,6 +106,7 @@ def time_roles(sampler, inputs: RoleInputs, repeat: int, warmup: int = 1) -> Tup
     late_s: List[float] = []
     for _ in range(repeat):
         for fn, sink in ((cfg_call, cfg_s), (late_call, late_s)):
+            fn()  # the role's previous step, untimed
             _sync(device)
             start = time.perf_counter()
             fn()

@@ -1,7 +1,8 @@
 """``Sampler.load(bundle, backend=...)``: a bundle's runners, tokenizer and scheduler config.
 
 The backend is chosen once here; with ``backend=None`` the best installed one is
-picked (TensorRT when it imports and the bundle has plans, else ONNX Runtime) and
+picked (TensorRT when it imports, a GPU is visible and the bundle has plans, else OpenVINO when
+it imports, else ONNX Runtime: docs/export.md section 2b) and
 logged. Names, options and factories come from :mod:`cfgswitch.backends.registry`; the
 sampler is put together by :func:`cfgswitch.backends.assembly.assemble`. A backend whose
 package is missing raises :class:`~cfgswitch.errors.BackendUnavailableError` naming the

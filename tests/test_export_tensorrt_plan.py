@@ -174,9 +174,9 @@ def test_build_records_plans_roles_and_uses_cache(bundle_copy):  # noqa: F811
     assert has_tensorrt_plans(b)
     assert pick_backend(b, importable=lambda m: True, cuda=lambda: True)[0] == "tensorrt"
     assert pick_backend(b, importable=lambda m: m == "onnxruntime", cuda=lambda: True) == (
-        "onnxruntime", "the bundle has TensorRT plans but tensorrt does not import")
+        "onnxruntime", "the bundle has TensorRT plans but tensorrt does not import; openvino does not import")
     assert pick_backend(b, importable=lambda m: True, cuda=lambda: False) == (
-        "onnxruntime", "the bundle has TensorRT plans but no CUDA GPU is visible for tensorrt")
+        "openvino", "the bundle has TensorRT plans but no CUDA GPU is visible for tensorrt")
     # Same inputs: every plan comes from the cache; another TensorRT version: new keys, new plans.
     asked.clear()
     again = build_bundle(bundle_copy, BuildOptions(builder_optimization_level=2), _fake_target(), builder, progress=False)

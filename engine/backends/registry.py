@@ -130,7 +130,7 @@ _ENTRIES: Tuple[BackendEntry, ...] = (
         extra="openvino",
         module="openvino",
         description="OpenVINO on a bundle's ONNX graphs, each role compiled for static shapes (CPU)",
-        auto_rank=60,
+        auto_rank=40,
         title="OpenVINO",
     ),
 )
