@@ -73,20 +73,27 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def busy_machine_threads(threads: int) -> "tuple[int, Optional[str]]":
+def busy_machine_threads(threads: int, load: Optional[float] = None) -> "tuple[int, Optional[str]]":
     """Threads to time with, and why when fewer than ``threads``: no more than the idle cores.
 
-    Idle cores are the usable cores minus the 1-minute load average, at least 1. On a busy
+    Idle cores are the usable cores minus the 1-minute load average, rounded to the nearest
+    core (a load of 0.1 leaves both cores of a 2-core machine idle; truncating counted it as
+    one busy core, so no run here ever timed the default threads), at least 1. On a busy
     machine, OpenMP threads that spin while they wait for each other take CPU time from the
     thread doing the work: with 2 threads, calls were 10-20x slower than with 1 on this project's
     shared 2-core machine (with ``OMP_WAIT_POLICY=PASSIVE`` set before start, only ~1.2x slower).
+
+    Args:
+        threads (`int`): the threads the run would use.
+        load (`float`, optional): the 1-minute load average (read from the system when ``None``).
     """
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # pragma: no cover - not available
-        return threads, None
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # pragma: no cover - not available
+            return threads, None
     cores = usable_cores()
-    idle = max(1, int(cores - load))
+    idle = max(1, int(cores - load + 0.5))
     if idle >= threads:
         return threads, None
     return idle, (f"the machine was busy (1-min load average {load:.1f} on {cores} cores): timed with {idle} thread(s) "

@@ -170,3 +170,13 @@ def test_one_thread_is_never_reduced():
     from cfgswitch.benchmarks.machine import busy_machine_threads
 
     assert busy_machine_threads(1) == (1, None)
+
+
+def test_idle_cores_are_rounded_not_truncated():
+    from cfgswitch.benchmarks.machine import busy_machine_threads, usable_cores
+
+    cores = usable_cores()
+    assert busy_machine_threads(cores, load=0.1) == (cores, None)  # a light load leaves every core idle
+    if cores >= 2:
+        threads, why = busy_machine_threads(cores, load=1.5)
+        assert threads == max(1, cores - 1) and why.startswith("the machine was busy (1-min load average 1.5")
