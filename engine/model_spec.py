@@ -125,4 +125,16 @@ class ModelSpec:
         )
 
 
-__all__ = ["ModelSpec", "TextEncoderSpec"]
+def module_dims(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any) -> Dict[str, Any]:
+    """The :class:`ModelSpec` fields read off SD-layout diffusers/transformers modules' configs:
+    latent channels, VAE factors, sample size and text length (the rest depends on the family)."""
+    return {
+        "latent_channels": int(unet.config.in_channels),
+        "vae_scale_factor": 2 ** (len(vae.config.block_out_channels) - 1),
+        "vae_scaling_factor": float(vae.config.scaling_factor),
+        "sample_size": int(unet.config.sample_size),
+        "text_length": int(min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)),
+    }
+
+
+__all__ = ["ModelSpec", "TextEncoderSpec", "module_dims"]

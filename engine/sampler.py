@@ -21,7 +21,7 @@ from .errors import BackendUnavailableError, InvalidArgumentError, ModelLoadErro
 from .loop import LoopRequest, denoise
 from .output import GenerationOutput, to_uint8
 from .plans import GuidancePlan
-from .model_spec import ModelSpec
+from .model_spec import ModelSpec, module_dims
 from .request import check_request
 from .runners.base import Runners
 from .timing import StageTimer
@@ -335,11 +335,7 @@ def spec_from_modules(unet, vae, text_encoder, tokenizer, name: str, family: str
     cross-attention width). A family's full spec (encoders, VAE upcast) is
     :meth:`cfgswitch.families.base.Family.model_spec`."""
     return ModelSpec(
-        latent_channels=int(unet.config.in_channels),
-        vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
-        vae_scaling_factor=float(vae.config.scaling_factor),
-        sample_size=int(unet.config.sample_size),
-        text_length=int(min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)),
+        **module_dims(unet, vae, text_encoder, tokenizer),
         text_width=int(unet.config.cross_attention_dim),
         name=name,
         family=family,

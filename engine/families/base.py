@@ -9,7 +9,7 @@ import torch
 
 from ..errors import InvalidArgumentError, ModelLoadError
 from ..io_specs import GraphSpec, TensorSpec
-from ..model_spec import ModelSpec, TextEncoderSpec
+from ..model_spec import ModelSpec, TextEncoderSpec, module_dims
 
 
 @dataclass(frozen=True)
@@ -119,13 +119,8 @@ class Family:
     def model_spec(self, components: Dict[str, Any], name: str) -> ModelSpec:
         """The :class:`~cfgswitch.model_spec.ModelSpec` of loaded components (``unet``, ``vae``,
         ``text_encoder``, ``tokenizer``, and the family's others)."""
-        unet, vae, te, tok = components["unet"], components["vae"], components["text_encoder"], components["tokenizer"]
         return ModelSpec(
-            latent_channels=int(unet.config.in_channels),
-            vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
-            vae_scaling_factor=float(vae.config.scaling_factor),
-            sample_size=int(unet.config.sample_size),
-            text_length=int(min(tok.model_max_length, te.config.max_position_embeddings)),
+            **module_dims(components["unet"], components["vae"], components["text_encoder"], components["tokenizer"]),
             text_width=self.text_width(components),
             name=name,
             family=self.name,
