@@ -105,7 +105,8 @@ class DiffusersBaseline:
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int], plan: str, steps: int, guidance_scale: float,
                  height: int, width: int) -> "tuple[Dict[str, float], Any]":
-        """One timed pipeline call: ``({"total": seconds}, images [B, H, W, 3] float32 in [0, 1])``."""
+        """One timed pipeline call: ``({"total": seconds, "unet": seconds in the UNet's forward}, images
+        [B, H, W, 3] float32 in [0, 1])``."""
         k = baseline_switch_step(plan, steps)
         if k is None:
             raise ValueError(f"plan: diffusers' CFG cutoff cannot run {plan!r}")
@@ -115,18 +116,35 @@ class DiffusersBaseline:
                                          CfgCutoffCallback.sdxl_tensor_inputs if self.sdxl else None)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = self.pipe(
-                list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
-                height=height, width=width, output_type="np", callback_on_step_end=callback,
-                callback_on_step_end_tensor_inputs=callback.tensor_inputs if callback else ["latents"],
-            )
-        if cuda:
-            torch.cuda.synchronize()
-        return {"total": time.perf_counter() - start}, out.images
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        unet_s, entered = [0.0], [0.0]
+
+        def before(module, args, kwargs):
+            sync()
+            entered[0] = time.perf_counter()
+
+        def after(module, args, kwargs, output):
+            sync()
+            unet_s[0] += time.perf_counter() - entered[0]
+
+        # the UNet's own time, so a report can split a call into UNet and everything else
+        hooks = [self.pipe.unet.register_forward_pre_hook(before, with_kwargs=True),
+                 self.pipe.unet.register_forward_hook(after, with_kwargs=True)]
+        try:
+            sync()
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = self.pipe(
+                    list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
+                    height=height, width=width, output_type="np", callback_on_step_end=callback,
+                    callback_on_step_end_tensor_inputs=callback.tensor_inputs if callback else ["latents"],
+                )
+            sync()
+            total = time.perf_counter() - start
+        finally:
+            for h in hooks:
+                h.remove()
+        return {"total": total, "unet": unet_s[0]}, out.images
 
 
 def baseline_plans(plans: List[str], steps: int) -> List[str]:

@@ -17,6 +17,14 @@ two middle values for an even count):
   update and Python work of the loop); its median over calls.
 - ``speedup_vs_diffusers_always``: median total of diffusers' always-CFG pipeline at the same
   batch size divided by this cell's median total.
+- time outside the UNet, ``outside_unet_median_s``: per call ``total`` minus the UNet time
+  (cfgswitch: ``unet_cfg + unet_late``, the role calls including the CFG combine; diffusers:
+  the UNet module's forward, timed by hooks), its median. Two systems that run the same UNet
+  module on the same inputs differ only here, and this difference is far less noisy than the totals.
+- ``paired_vs_diffusers_always``: the same comparison paired by round. Every cell is called once
+  per round, so call ``i`` of two cells ran seconds apart; the ratio of diffusers' total to this
+  cell's total is taken per round, and its median (and quartiles) reported. Drift between
+  rounds cancels in each pair, which a ratio of two medians does not do.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ TARGET_REALIZED_FRACTION = 0.97
 TARGET_VS_DIFFUSERS = 2.0
 TARGET_HOST_OVERHEAD_S = 1e-3
 TARGET_ELAPSED_S = 300.0
+#: cfgswitch torch ``always`` against diffusers on the same modules: at most 1% slower (paired).
+TARGET_TORCH_VS_DIFFUSERS = 0.99
 
 
 def role_key(backend: str, batch: int) -> str:
@@ -46,6 +56,19 @@ def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
     if num is None or den is None or den == 0:
         return None
     return float(num) / float(den)
+
+
+def paired_ratio(reference: List[Dict[str, Any]], calls: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Per-round ``reference total / this total`` of two cells' calls: median, quartiles, rounds.
+
+    ``None`` when the cells do not hold the same number of calls (they were not timed in the
+    same rounds) or hold none.
+    """
+    if not calls or len(reference) != len(calls):
+        return None
+    ratios = sorted(r["total"] / c["total"] for r, c in zip(reference, calls))
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return {"median": _median(ratios), "p25": float(q[0]), "p75": float(q[2]), "rounds": len(ratios)}
 
 
 def derive_role_costs(raw: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
@@ -70,6 +93,10 @@ def _cell_stats(cell: Dict[str, Any]) -> Dict[str, Any]:
         "stage_median_s": {s: _median([c[s] for c in calls]) for s in STAGES if all(s in c for c in calls)},
     }
     stats["images_per_s"] = cell["batch"] / stats["total_median_s"]
+    unet = [c["unet"] if "unet" in c else (c["unet_cfg"] + c["unet_late"] if "unet_cfg" in c and "unet_late" in c else None)
+            for c in calls]
+    if all(u is not None for u in unet):
+        stats["outside_unet_median_s"] = _median([c["total"] - u for c, u in zip(calls, unet)])
     if all(k in c for c in calls for k in ("loop", "unet_cfg", "unet_late")):
         engine = [c["unet_cfg"] + c["unet_late"] for c in calls]
         host = [(c["loop"] - c["unet_cfg"] - c["unet_late"]) / cell["steps"] for c in calls]
@@ -109,6 +136,7 @@ def derive(results: Dict[str, Any]) -> Dict[str, Any]:
         d_id = diffusers_always.get(cell["batch"])
         d_total = cells[d_id]["total_median_s"] if d_id is not None else None
         stats["speedup_vs_diffusers_always"] = _ratio(d_total, stats["total_median_s"])
+        stats["paired_vs_diffusers_always"] = paired_ratio(by_id[d_id]["calls"], cell["calls"]) if d_id is not None else None
     return {"role_costs": roles, "cells": cells, "targets": _targets(results, cells)}
 
 
@@ -134,9 +162,21 @@ def _targets(results: Dict[str, Any], cells: Dict[str, Dict[str, Any]]) -> Dict[
     hvals = [v for v in host.values() if v is not None]
     out["host_overhead_per_step_s"] = {"target": TARGET_HOST_OVERHEAD_S, "values": host, "max": max(hvals) if hvals else None,
                                        "met": bool(hvals) and max(hvals) < TARGET_HOST_OVERHEAD_S}
+    torch_always = [c for c in ours if c["plan"] == "always" and c["backend"] == "torch"]
+    d_always = {c["batch"]: c["id"] for c in results["cells"] if c["plan"] == "always" and c["system"] == "diffusers"}
+    paired = {f"b{c['batch']}": cells[c["id"]]["paired_vs_diffusers_always"] for c in torch_always}
+    paired = {k: v for k, v in paired.items() if v is not None}
+    out["torch_always_vs_diffusers"] = {
+        "target": TARGET_TORCH_VS_DIFFUSERS, "paired_median": {k: v["median"] for k, v in paired.items()},
+        "ratio_of_medians": {f"b{c['batch']}": cells[c["id"]]["speedup_vs_diffusers_always"] for c in torch_always},
+        "outside_unet_s": {f"b{c['batch']}": {"cfgswitch": cells[c["id"]].get("outside_unet_median_s"),
+                                             "diffusers": cells[d_always[c["batch"]]].get("outside_unet_median_s")}
+                           for c in torch_always if c["batch"] in d_always},
+        "met": bool(paired) and min(v["median"] for v in paired.values()) >= TARGET_TORCH_VS_DIFFUSERS,
+    }
     elapsed = results.get("elapsed_s")
     out["elapsed_s"] = {"target": TARGET_ELAPSED_S, "value": elapsed, "met": elapsed is not None and elapsed < TARGET_ELAPSED_S}
     return out
 
 
-__all__ = ["STAGES", "derive", "derive_role_costs", "ideal_speedup", "role_key"]
+__all__ = ["STAGES", "derive", "derive_role_costs", "ideal_speedup", "paired_ratio", "role_key"]

@@ -116,15 +116,18 @@ def time_roles(sampler, inputs: RoleInputs, repeat: int, warmup: int = 1) -> Tup
 
 
 def rotate(items: List[Any], offset: int) -> List[Any]:
-    """``items`` started at ``offset`` (mod its length): each round starts with another cell."""
+    """``items`` in round ``offset``'s order: started at ``offset`` (mod its length), and reversed in
+    odd rounds. Rotation alone keeps the cyclic order, so each cell would always follow the same
+    cell; reversing every other round gives each cell both neighbours as predecessors."""
     if not items:
         return []
     k = offset % len(items)
-    return items[k:] + items[:k]
+    out = items[k:] + items[:k]
+    return out[::-1] if offset % 2 else out
 
 
 def interleaved(cells: List[Any], rounds: int, call: Callable[[Any, int], None], progress: Optional[Any] = None) -> None:
-    """Call ``call(cell, round)`` for every cell in every round, A B A B, the start rotating per round."""
+    """Call ``call(cell, round)`` for every cell in every round, A B A B, in :func:`rotate`'s order."""
     for r in range(rounds):
         for cell in rotate(cells, r):
             call(cell, r)

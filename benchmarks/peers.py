@@ -8,7 +8,7 @@ Stages of :func:`run_peers`:
 2. load cfgswitch on torch and on every installed bundle backend (onnxruntime, openvino), on a
    bundle exported from the same model into the cache folder;
 3. run ``warmup + repeat`` rounds: each round calls every system once per batch size, the order
-   rotated by one system per round; warm-up rounds are not recorded;
+   rotated by one system per round and reversed every other round; warm-up rounds are not recorded;
 4. compare each image with cfgswitch torch's image of the same prompt, seed and guidance
    (``always`` for always-CFG systems, the switch plan for the cutoff and switch systems):
    the agreement column; DeepCache is labelled an approximation.
