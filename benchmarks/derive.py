@@ -23,8 +23,9 @@ two middle values for an even count):
   module on the same inputs differ only here, and this difference is far less noisy than the totals.
 - ``paired_vs_diffusers_always``: the same comparison paired by round. Every cell is called once
   per round, so call ``i`` of two cells ran seconds apart; the ratio of diffusers' total to this
-  cell's total is taken per round, and its median (and quartiles) reported. Drift between
-  rounds cancels in each pair, which a ratio of two medians does not do.
+  cell's total is taken per round, and its median (and quartiles) reported. Drift shared by
+  the two calls of a round cancels in each pair; a ratio of two medians compares calls of
+  different rounds.
 """
 
 from __future__ import annotations
