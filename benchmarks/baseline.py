@@ -19,6 +19,8 @@ import torch
 from cfgswitch.plans import AlwaysPlan, GuidancePlan, StepPlan, SwitchPlan
 from cfgswitch.schedulers import make_scheduler
 
+from .measure import forward_timer
+
 logger = logging.getLogger(__name__)
 
 
@@ -117,20 +119,8 @@ class DiffusersBaseline:
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         cuda = self.device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
-        unet_s, entered = [0.0], [0.0]
-
-        def before(module, args, kwargs):
-            sync()
-            entered[0] = time.perf_counter()
-
-        def after(module, args, kwargs, output):
-            sync()
-            unet_s[0] += time.perf_counter() - entered[0]
-
         # the UNet's own time, so a report can split a call into UNet and everything else
-        hooks = [self.pipe.unet.register_forward_pre_hook(before, with_kwargs=True),
-                 self.pipe.unet.register_forward_hook(after, with_kwargs=True)]
-        try:
+        with forward_timer(self.pipe.unet) as unet_s:
             sync()
             start = time.perf_counter()
             with torch.no_grad():
@@ -141,9 +131,6 @@ class DiffusersBaseline:
                 )
             sync()
             total = time.perf_counter() - start
-        finally:
-            for h in hooks:
-                h.remove()
         return {"total": total, "unet": unet_s[0]}, out.images
 
 

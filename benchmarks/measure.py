@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +18,37 @@ from cfgswitch.schedulers import make_scheduler, set_timesteps
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+@contextmanager
+def forward_timer(module: torch.nn.Module) -> Iterator[List[float]]:
+    """Seconds spent in ``module``'s forward while the block runs, summed over its calls.
+
+    Yields a one-element list that holds the sum once the block exits. The hooks (a pre- and a
+    post-forward hook, CUDA-synchronized on a CUDA module) are removed on exit, also on error,
+    so a module shared by two systems times only the calls of the block that timed it.
+    """
+    device = next(module.parameters()).device
+    cuda = device.type == "cuda"
+    spent, entered = [0.0], [0.0]
+
+    def before(mod, args, kwargs):
+        if cuda:
+            torch.cuda.synchronize(device)
+        entered[0] = time.perf_counter()
+
+    def after(mod, args, kwargs, output):
+        if cuda:
+            torch.cuda.synchronize(device)
+        spent[0] += time.perf_counter() - entered[0]
+
+    hooks = [module.register_forward_pre_hook(before, with_kwargs=True),
+             module.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield spent
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @dataclass
@@ -33,11 +65,29 @@ class CallResult:
 
 def sampler_call(sampler, prompts: Sequence[str], seeds: Sequence[int], plan: str, steps: int, scheduler: str,
                  guidance_scale: float, height: int, width: int) -> CallResult:
-    """One ``Sampler.generate`` call (numpy output); its own per-stage timings."""
-    out = sampler.generate(list(prompts), steps=steps, guidance_scale=guidance_scale, scheduler=scheduler, plan=plan,
-                           seed=list(seeds), height=height, width=width, output_type="np")
-    return CallResult({k: float(v) for k, v in out.timings.items()}, np.asarray(out.images), out.cfg_steps,
-                      out.late_steps, out.unet_rows, out.switch_step)
+    """One ``Sampler.generate`` call (numpy output); its own per-stage timings.
+
+    On the torch backend the timings also hold ``unet``: the seconds spent in the UNet module's
+    forward, timed by hooks exactly as :class:`~benchmarks.baseline.DiffusersBaseline` times
+    diffusers' calls of the same module (``unet_cfg``/``unet_late`` also hold the role calls'
+    own work, such as the CFG combine).
+    """
+    unet = sampler.modules.get("unet") if sampler.backend == "torch" else None
+
+    def run():
+        return sampler.generate(list(prompts), steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
+                                plan=plan, seed=list(seeds), height=height, width=width, output_type="np")
+
+    if unet is None:
+        out, forward = run(), None
+    else:
+        with forward_timer(unet) as spent:
+            out = run()
+        forward = spent[0]
+    timings = {k: float(v) for k, v in out.timings.items()}
+    if forward is not None:
+        timings["unet"] = forward
+    return CallResult(timings, np.asarray(out.images), out.cfg_steps, out.late_steps, out.unet_rows, out.switch_step)
 
 
 @dataclass
@@ -135,4 +185,4 @@ def interleaved(cells: List[Any], rounds: int, call: Callable[[Any, int], None],
                 progress.update(1)
 
 
-__all__ = ["CallResult", "RoleInputs", "interleaved", "role_inputs", "rotate", "sampler_call", "time_roles"]
+__all__ = ["CallResult", "RoleInputs", "forward_timer", "interleaved", "role_inputs", "rotate", "sampler_call", "time_roles"]
