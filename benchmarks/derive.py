@@ -88,9 +88,10 @@ def same_unet_ratio(reference: List[Dict[str, Any]], calls: List[Dict[str, Any]]
     so a reader can see that the two agree within the noise. ``None`` unless every call of both
     cells holds ``unet``.
     """
-    if not calls or not reference or not all("unet" in c for c in list(reference) + list(calls)):
+    both = list(reference) + list(calls)
+    if not calls or not reference or not all("unet" in c for c in both):
         return None
-    pooled = _median([c["unet"] for c in list(reference) + list(calls)])
+    pooled = _median([c["unet"] for c in both])
     o_ref = _median([c["total"] - c["unet"] for c in reference])
     o = _median([c["total"] - c["unet"] for c in calls])
     return {"ratio": (pooled + o_ref) / (pooled + o), "unet_pooled_s": pooled, "outside_reference_s": o_ref,
@@ -194,18 +195,15 @@ def _targets(results: Dict[str, Any], cells: Dict[str, Dict[str, Any]]) -> Dict[
     paired = {f"b{c['batch']}": cells[c["id"]]["paired_vs_diffusers_always"] for c in torch_always}
     paired = {k: v for k, v in paired.items() if v is not None}
     by_id = {c["id"]: c for c in results["cells"]}
+    compared = [c for c in torch_always if c["batch"] in d_always]
     same_unet, forward = {}, {}
-    for c in torch_always:
-        if c["batch"] not in d_always:
-            continue
-        d = by_id[d_always[c["batch"]]]
-        ratio = same_unet_ratio(d["calls"], c["calls"])
+    for c in compared:
+        ratio = same_unet_ratio(by_id[d_always[c["batch"]]]["calls"], c["calls"])
         if ratio is not None:
             same_unet[f"b{c['batch']}"] = ratio["ratio"]
             forward[f"b{c['batch']}"] = {"cfgswitch": ratio["unet_cfgswitch_s"], "diffusers": ratio["unet_reference_s"]}
     # The basis: the same-UNet ratio where every batch has one (both systems' calls carry the
     # UNet's forward time), else the per-round paired ratio.
-    compared = [c for c in torch_always if c["batch"] in d_always]
     basis = "same_unet_ratio" if same_unet and len(same_unet) == len(compared) else "paired_median"
     values = same_unet if basis == "same_unet_ratio" else {k: v["median"] for k, v in paired.items()}
     out["torch_always_vs_diffusers"] = {
@@ -214,7 +212,7 @@ def _targets(results: Dict[str, Any], cells: Dict[str, Dict[str, Any]]) -> Dict[
         "ratio_of_medians": {f"b{c['batch']}": cells[c["id"]]["speedup_vs_diffusers_always"] for c in torch_always},
         "outside_unet_s": {f"b{c['batch']}": {"cfgswitch": cells[c["id"]].get("outside_unet_median_s"),
                                              "diffusers": cells[d_always[c["batch"]]].get("outside_unet_median_s")}
-                           for c in torch_always if c["batch"] in d_always},
+                           for c in compared},
         "unet_forward_median_s": forward, "same_unet_ratio": same_unet, "basis": basis,
         "met": bool(values) and min(values.values()) >= TARGET_TORCH_VS_DIFFUSERS,
     }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -29,17 +29,14 @@ def forward_timer(module: torch.nn.Module) -> Iterator[List[float]]:
     so a module shared by two systems times only the calls of the block that timed it.
     """
     device = next(module.parameters()).device
-    cuda = device.type == "cuda"
     spent, entered = [0.0], [0.0]
 
     def before(mod, args, kwargs):
-        if cuda:
-            torch.cuda.synchronize(device)
+        _sync(device)
         entered[0] = time.perf_counter()
 
     def after(mod, args, kwargs, output):
-        if cuda:
-            torch.cuda.synchronize(device)
+        _sync(device)
         spent[0] += time.perf_counter() - entered[0]
 
     hooks = [module.register_forward_pre_hook(before, with_kwargs=True),
@@ -73,20 +70,12 @@ def sampler_call(sampler, prompts: Sequence[str], seeds: Sequence[int], plan: st
     own work, such as the CFG combine).
     """
     unet = sampler.modules.get("unet") if sampler.backend == "torch" else None
-
-    def run():
-        return sampler.generate(list(prompts), steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
-                                plan=plan, seed=list(seeds), height=height, width=width, output_type="np")
-
-    if unet is None:
-        out, forward = run(), None
-    else:
-        with forward_timer(unet) as spent:
-            out = run()
-        forward = spent[0]
+    with forward_timer(unet) if unet is not None else nullcontext(None) as spent:
+        out = sampler.generate(list(prompts), steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
+                               plan=plan, seed=list(seeds), height=height, width=width, output_type="np")
     timings = {k: float(v) for k, v in out.timings.items()}
-    if forward is not None:
-        timings["unet"] = forward
+    if spent is not None:
+        timings["unet"] = spent[0]
     return CallResult(timings, np.asarray(out.images), out.cfg_steps, out.late_steps, out.unet_rows, out.switch_step)
 
 
