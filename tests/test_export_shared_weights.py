@@ -61,7 +61,7 @@ def test_shared_bundle_generates_the_torch_images(tiny_bundle, tiny_sampler, tmp
 
 def test_both_unet_sessions_read_one_copy_of_the_weights(tiny_bundle, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("CFGSWITCH_CACHE", str(tmp_path))
-    runners = Sampler.load(tiny_bundle, backend="onnxruntime", threads=1).runners
+    runners = Sampler.load(tiny_bundle, backend="onnxruntime", threads=1, static_shapes=False).runners
     unet = {v.data_ptr() for v in runners.unet.graph.session._cfgswitch_weights}
     cfg = {v.data_ptr() for v in runners.unet_cfg.graph.session._cfgswitch_weights}
     assert len(unet) > 10 and unet == cfg  # every external initializer of both graphs at the same address
@@ -83,7 +83,7 @@ def _session_files(sampler):
 
 def test_optimized_graphs_are_cached_reused_and_a_broken_entry_is_rebuilt(tiny_bundle, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("CFGSWITCH_CACHE", str(tmp_path))
-    first = Sampler.load(tiny_bundle, backend="onnxruntime", threads=1)
+    first = Sampler.load(tiny_bundle, backend="onnxruntime", threads=1, static_shapes=False)
     entries = sorted(p for p in (tmp_path / "ort-optimized").iterdir() if p.is_dir())
     assert len(entries) == 3  # text encoder, the two UNet graphs together, VAE decoder
     files = _session_files(first)
@@ -91,7 +91,7 @@ def test_optimized_graphs_are_cached_reused_and_a_broken_entry_is_rebuilt(tiny_b
     assert [f.name for f in files["unet"].parent.glob("*.data")] == ["unet_weights.onnx.data"]  # deduplicated there too
     ref = first.generate(["a red fox"], **KWARGS)
 
-    second = Sampler.load(tiny_bundle, backend="onnxruntime", threads=1)
+    second = Sampler.load(tiny_bundle, backend="onnxruntime", threads=1, static_shapes=False)
     assert _session_files(second) == files  # opened the cached files
     assert files["unet"].stat().st_mtime_ns == _session_files(second)["unet"].stat().st_mtime_ns  # not rewritten
     np.testing.assert_array_equal(second.generate(["a red fox"], **KWARGS).images, ref.images)
@@ -104,7 +104,7 @@ def test_optimized_graphs_are_cached_reused_and_a_broken_entry_is_rebuilt(tiny_b
     data = entry / "unet_weights.onnx.data"
     size = data.stat().st_size
     data.write_bytes(data.read_bytes()[: size // 2])
-    third = Sampler.load(tiny_bundle, backend="onnxruntime", threads=1)
+    third = Sampler.load(tiny_bundle, backend="onnxruntime", threads=1, static_shapes=False)
     assert _session_files(third) == files and data.stat().st_size == size  # rebuilt in place
     assert not partial.exists()  # the dead writer's folder is cleared
     np.testing.assert_array_equal(third.generate(["a red fox"], **KWARGS).images, ref.images)
@@ -135,9 +135,11 @@ def test_ort_optimized_record_is_opened_after_its_check(bundle_copy, tmp_path, m
     m["graphs"]["unet"]["ort_optimized"] = {"file": fused.name, "sha256": sha256_file(fused),
                                             "bytes": fused.stat().st_size, "fusions": []}
     mf.write_text(json.dumps(m))
-    sampler = Sampler.load(bundle_copy, backend="onnxruntime", threads=1)
+    sampler = Sampler.load(bundle_copy, backend="onnxruntime", threads=1, static_shapes=False)
     assert Path(sampler.runners.unet.graph.session._model_path) == fused
+    shaped = Sampler.load(bundle_copy, backend="onnxruntime", threads=1, static_shapes=True)
+    assert shaped.runners.unet.graph.shaped.path == fused  # per-shape sessions open the same checked file
 
     fused.write_bytes(fused.read_bytes() + b"\0")
     with pytest.raises(BundleError, match="unet.fused.onnx"):
-        Sampler.load(bundle_copy, backend="onnxruntime", threads=1)
+        Sampler.load(bundle_copy, backend="onnxruntime", threads=1, static_shapes=False)

@@ -24,7 +24,8 @@ from ..errors import BackendUnavailableError, InvalidArgumentError
 from ..io_specs import GraphSpec, graph_specs, resolve_shape
 from .base import Runners
 from .graph_runners import GraphGuidedUNet, GraphPooledTextEncoder, GraphTextEncoder, GraphUNet, GraphVaeDecoder
-from .ort_sessions import open_sessions
+from .ort_sessions import copy_options, external_files, graph_file, open_sessions
+from .ort_static import STATIC_GRAPHS, ShapeSessions, dimension_values, unet_bytes, use_static_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +135,14 @@ class OrtGraph:
         factor (`int`): the VAE factor (to size the decoder's output).
         device (`torch.device`, defaults to the CPU): where inputs and outputs are bound (the
             provider's device: a CUDA provider reads and writes GPU memory, with no host copy).
+        shaped (`ShapeSessions`, optional): per-shape sessions to run instead of ``session``
+            (``session`` is then ``None``; see :mod:`cfgswitch.runners.ort_static`).
     """
 
     def __init__(self, session, spec: GraphSpec, model_dtype: str, factor: int,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), shaped: Optional[ShapeSessions] = None) -> None:
         self.session = session
+        self.shaped = shaped
         self.spec = spec
         self.factor = factor
         self.device = device
@@ -165,7 +169,8 @@ class OrtGraph:
             raise InvalidArgumentError(f"{self.spec.name} inputs", f"{len(self.spec.inputs)} tensors "
                                        f"({', '.join(self.spec.input_names)})", len(tensors))
         env = self._env(tensors)
-        b = self.session.io_binding()  # per call: cheap, and concurrent callers (serving threads) stay apart
+        session = self.shaped.session_for(dimension_values(env)) if self.shaped is not None else self.session
+        b = session.io_binding()  # per call: cheap, and concurrent callers (serving threads) stay apart
         kind, index = self._where
         keep = []
         for t, x, dt in zip(self.spec.inputs, tensors, self.in_dtypes):
@@ -180,7 +185,7 @@ class OrtGraph:
         if kind == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready for ORT's stream
             b.synchronize_inputs()
-        self.session.run_with_iobinding(b)
+        session.run_with_iobinding(b)
         if kind == "cuda":
             b.synchronize_outputs()
         outs = [y if y.dtype == torch.float32 else y.float() for y in outs]
@@ -188,7 +193,8 @@ class OrtGraph:
 
 
 def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequence[ProviderArg]] = None,
-                        threads: Optional[int] = None, verify_files: bool = True) -> Runners:
+                        threads: Optional[int] = None, verify_files: bool = True,
+                        static_shapes: Optional[bool] = None) -> Runners:
     """The :class:`Runners` of a bundle on ONNX Runtime.
 
     Args:
@@ -200,10 +206,13 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
             cache defaults to the cfgswitch cache folder (see :func:`with_provider_defaults`).
         threads (`int`, optional): intra-op threads per session (ONNX Runtime's default when ``None``).
         verify_files (`bool`, defaults to True): check each graph's size and sha256 against the manifest.
+        static_shapes (`bool`, optional): run the UNet roles on sessions fixed to each input shape
+            (opened on its first call; see :mod:`cfgswitch.runners.ort_static`). ``None``: yes on
+            the CPU provider when the UNet takes at most 256 MiB, else one dynamic session.
 
     Raises:
         BackendUnavailableError: onnxruntime, or a requested provider, is not installed.
-        InvalidArgumentError: a bad provider or thread count.
+        InvalidArgumentError: a bad provider, thread count or ``static_shapes``.
         BundleError: a graph file is missing, truncated or replaced.
     """
     ort = import_onnxruntime()
@@ -223,14 +232,19 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
     chosen = with_provider_defaults(chosen, bundle.path.name)
     device = binding_device(chosen)
     provider_names = [c[0] if isinstance(c, tuple) else c for c in chosen]
-    sessions = open_sessions(ort, bundle, names, opts, provider_names,
-                             [c[1] if isinstance(c, tuple) else {} for c in chosen])
+    provider_options = [c[1] if isinstance(c, tuple) else {} for c in chosen]
+    unet_file = graph_file(bundle, "unet")
+    static = use_static_shapes(static_shapes, provider_names, unet_bytes(unet_file, external_files(unet_file)))
+    shaped = {name: ShapeSessions(ort, graph_file(bundle, name), opts, provider_names, provider_options, copy_options)
+              for name in STATIC_GRAPHS if static and name in names}
+    sessions = open_sessions(ort, bundle, [n for n in names if n not in shaped], opts, provider_names, provider_options)
     graphs: Dict[str, OrtGraph] = {
-        name: OrtGraph(sessions[name], specs[name], bundle.dtype, dims.vae_scale_factor, device)
+        name: OrtGraph(sessions.get(name), specs[name], bundle.dtype, dims.vae_scale_factor, device, shaped.get(name))
         for name in names
     }
-    used = graphs["unet"].session.get_providers()
-    logger.info("onnxruntime %s: providers %s, %s threads", ort.__version__, ", ".join(used), threads or "default")
+    used = graphs["text_encoder"].session.get_providers()
+    logger.info("onnxruntime %s: providers %s, %s threads, UNet %s", ort.__version__, ", ".join(used),
+                threads or "default", "per shape" if static else "dynamic")
 
     def check_request(batch: int, height: int, width: int) -> None:
         check_bundle_request(bundle, batch, height, width, exact_batch=False)
@@ -244,7 +258,7 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
         device=device,
         dtype=torch.float32,
         info={"bundle": str(bundle.path), "bundle_dtype": bundle.dtype, "providers": used,
-              "threads": threads, "onnxruntime": ort.__version__},
+              "threads": threads, "onnxruntime": ort.__version__, "static_shapes": static},
         check_request=check_request,
         text_encoder_2=GraphPooledTextEncoder(graphs["text_encoder_2"]) if "text_encoder_2" in graphs else None,
     )

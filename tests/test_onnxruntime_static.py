@@ -1,0 +1,88 @@
+"""ONNX Runtime's UNet roles on sessions fixed to each input shape: same images, one session per shape, the rule."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from _bundle_fixtures import tiny_bundle  # noqa: F401  (fixture)
+
+from cfgswitch import Sampler
+from cfgswitch.errors import InvalidArgumentError
+from cfgswitch.runners.ort_static import STATIC_MAX_UNET_BYTES, dimension_values, use_static_shapes
+
+# Same weights, same loop; only kernel order differs (the onnxruntime backend's bound, tests/test_onnxruntime_generate.py).
+IMAGE_TOL = 1e-3
+KWARGS = dict(steps=6, guidance_scale=7.5, plan="switch:0.5", seed=4, output_type="np")
+PROMPTS = ["a red fox", "a blue house", "two cats"]
+CPU = ["CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module")
+def static_sampler(tiny_bundle):  # noqa: F811
+    return Sampler.load(tiny_bundle, backend="onnxruntime", threads=2, static_shapes=True)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_both_session_kinds_give_the_torch_images(static, tiny_bundle, tiny_sampler):  # noqa: F811
+    s = Sampler.load(tiny_bundle, backend="onnxruntime", threads=2, static_shapes=static)
+    assert s.runners.info["static_shapes"] is static
+    assert (s.runners.unet.graph.shaped is not None) is static and (s.runners.unet.graph.session is None) is static
+    got = s.generate(PROMPTS, **KWARGS)
+    ref = tiny_sampler.generate(PROMPTS, **KWARGS)
+    assert np.abs(ref.images - 0.5).max() > 0.05  # not a flat image
+    np.testing.assert_allclose(got.images, ref.images, rtol=0, atol=IMAGE_TOL)
+
+
+def test_the_rule_fixes_shapes_of_a_small_unet_by_default(tiny_bundle):  # noqa: F811
+    assert Sampler.load(tiny_bundle, backend="onnxruntime", threads=1).runners.info["static_shapes"] is True
+
+
+def test_each_shape_gets_one_session_with_every_dimension_fixed(static_sampler):
+    for batch in (1, 3, 1):
+        static_sampler.generate(PROMPTS[:batch], **KWARGS)
+    for role in ("unet_cfg", "unet"):
+        shaped = getattr(static_sampler.runners, role).graph.shaped
+        dims = shaped.shapes
+        assert sorted(d["B"] for d in dims) == [1, 3], role  # batch 1 twice: its session is reused
+        for d in dims:
+            session = shaped.session_for(d)
+            assert session is shaped.session_for(dict(d))  # the same object, not reopened
+            for i in session.get_inputs():
+                assert all(isinstance(n, int) for n in i.shape), (role, i.name, i.shape)
+            sample = next(i for i in session.get_inputs() if i.name == "sample")
+            assert sample.shape == [d["B"], 4, d["h"], d["w"]]
+
+
+def test_concurrent_calls_of_a_new_shape_open_it_once(static_sampler):
+    unet = static_sampler.runners.unet
+    before = len(unet.graph.shaped.shapes)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 4, 8, 8, generator=g) for _ in range(4)]  # 2 rows: no call of the tests above had them
+    ehs = torch.randn(2, 77, 32, generator=g)
+    t = torch.full((2,), 300.0)
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda x: unet.predict(x, t, ehs), xs))
+    assert len(unet.graph.shaped.shapes) == before + 1
+    for x, got in zip(xs, parallel):
+        torch.testing.assert_close(got, unet.predict(x, t, ehs), rtol=0, atol=0)
+
+
+def test_use_static_shapes_rule():
+    assert use_static_shapes(None, CPU, 10 * 2**20) is True
+    assert use_static_shapes(None, CPU, STATIC_MAX_UNET_BYTES + 1) is False  # a large UNet keeps one dynamic session
+    assert use_static_shapes(None, ["CUDAExecutionProvider", *CPU], 10) is False
+    assert use_static_shapes(True, CPU, STATIC_MAX_UNET_BYTES + 1) is True
+    assert use_static_shapes(False, CPU, 10) is False
+
+
+def test_dimension_values_names_the_graph_dimensions():
+    assert dimension_values({"B": 2, "h": 4, "w": 6, "H": 16, "W": 24}) == {"B": 2, "2B": 4, "h": 4, "w": 6}
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, 0.5])
+def test_bad_static_shapes_is_refused_by_name(bad, tiny_bundle):  # noqa: F811
+    with pytest.raises(InvalidArgumentError, match=r"static_shapes: expected True, False or None"):
+        Sampler.load(tiny_bundle, backend="onnxruntime", static_shapes=bad)
