@@ -36,6 +36,8 @@ _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExe
 #: Short names accepted for the common providers.
 _ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 CPU_EXTRA = "pip install 'cfgswitch[cpu]'"
+#: The session config entry that ends a thread pool's spinning when a run ends (``stop_spinning``).
+STOP_SPINNING_KEY = "session.force_spinning_stop"
 GPU_EXTRA = "pip install 'cfgswitch[gpu]'"
 
 
@@ -194,7 +196,7 @@ class OrtGraph:
 
 def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequence[ProviderArg]] = None,
                         threads: Optional[int] = None, verify_files: bool = True,
-                        static_shapes: Optional[bool] = None) -> Runners:
+                        static_shapes: Optional[bool] = None, stop_spinning: bool = True) -> Runners:
     """The :class:`Runners` of a bundle on ONNX Runtime.
 
     Args:
@@ -209,10 +211,13 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
         static_shapes (`bool`, optional): run the UNet roles on sessions fixed to each input shape
             (opened on its first call; see :mod:`cfgswitch.runners.ort_static`). ``None``: yes on
             the CPU provider when the UNet takes at most 256 MiB, else one dynamic session.
+        stop_spinning (`bool`, defaults to True): each session's thread pool stops spinning when
+            its run ends (ONNX Runtime's ``session.force_spinning_stop``), so the next call, on
+            another session, has the cores (docs/export.md, "Spinning between sessions").
 
     Raises:
         BackendUnavailableError: onnxruntime, or a requested provider, is not installed.
-        InvalidArgumentError: a bad provider, thread count or ``static_shapes``.
+        InvalidArgumentError: a bad provider, thread count, ``static_shapes`` or ``stop_spinning``.
         BundleError: a graph file is missing, truncated or replaced.
     """
     ort = import_onnxruntime()
@@ -227,6 +232,10 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         opts.intra_op_num_threads = threads
+    if not isinstance(stop_spinning, bool):
+        raise InvalidArgumentError("stop_spinning", "True or False", stop_spinning)
+    if stop_spinning:
+        opts.add_session_config_entry(STOP_SPINNING_KEY, "1")
     dims = bundle.dims
     specs = graph_specs(dims)
     chosen = with_provider_defaults(chosen, bundle.path.name)
@@ -258,7 +267,8 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
         device=device,
         dtype=torch.float32,
         info={"bundle": str(bundle.path), "bundle_dtype": bundle.dtype, "providers": used,
-              "threads": threads, "onnxruntime": ort.__version__, "static_shapes": static},
+              "threads": threads, "onnxruntime": ort.__version__, "static_shapes": static,
+              "stop_spinning": stop_spinning},
         check_request=check_request,
         text_encoder_2=GraphPooledTextEncoder(graphs["text_encoder_2"]) if "text_encoder_2" in graphs else None,
     )

@@ -1,4 +1,5 @@
-"""ONNX Runtime's UNet roles on sessions fixed to each input shape: same images, one session per shape, the rule."""
+"""ONNX Runtime load options: UNet sessions fixed to each input shape (same images, one session per shape, the rule),
+and thread pools that stop spinning when a run ends."""
 
 from __future__ import annotations
 
@@ -86,3 +87,34 @@ def test_dimension_values_names_the_graph_dimensions():
 def test_bad_static_shapes_is_refused_by_name(bad, tiny_bundle):  # noqa: F811
     with pytest.raises(InvalidArgumentError, match=r"static_shapes: expected True, False or None"):
         Sampler.load(tiny_bundle, backend="onnxruntime", static_shapes=bad)
+
+
+def _spin_stop(session):
+    try:
+        return session.get_session_options().get_session_config_entry("session.force_spinning_stop")
+    except RuntimeError:  # ONNX Runtime: "does not have configuration with key"
+        return None
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_stop_spinning_reaches_every_session(stop, tiny_bundle):  # noqa: F811
+    s = Sampler.load(tiny_bundle, backend="onnxruntime", threads=2, stop_spinning=stop)
+    assert s.runners.info["stop_spinning"] is stop
+    s.generate(PROMPTS[:1], **KWARGS)  # opens the per-shape UNet sessions
+    r = s.runners
+    sessions = [r.text_encoder.graph.session, r.vae_decoder.graph.session]
+    sessions += [getattr(r, role).graph.shaped.session_for(d) for role in ("unet", "unet_cfg")
+                 for d in getattr(r, role).graph.shaped.shapes]
+    assert len(sessions) == 4
+    assert [_spin_stop(x) for x in sessions] == ["1" if stop else None] * 4
+
+
+def test_stop_spinning_is_on_by_default(tiny_bundle):  # noqa: F811
+    s = Sampler.load(tiny_bundle, backend="onnxruntime")
+    assert s.runners.info["stop_spinning"] is True and _spin_stop(s.runners.text_encoder.graph.session) == "1"
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_bad_stop_spinning_is_refused_by_name(bad, tiny_bundle):  # noqa: F811
+    with pytest.raises(InvalidArgumentError, match=r"stop_spinning: expected True or False"):
+        Sampler.load(tiny_bundle, backend="onnxruntime", stop_spinning=bad)
