@@ -36,9 +36,9 @@ _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExe
 #: Short names accepted for the common providers.
 _ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 CPU_EXTRA = "pip install 'cfgswitch[cpu]'"
+GPU_EXTRA = "pip install 'cfgswitch[gpu]'"
 #: The session config entry that ends a thread pool's spinning when a run ends (``stop_spinning``).
 STOP_SPINNING_KEY = "session.force_spinning_stop"
-GPU_EXTRA = "pip install 'cfgswitch[gpu]'"
 
 
 def import_onnxruntime():
