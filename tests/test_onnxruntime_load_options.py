@@ -118,3 +118,24 @@ def test_stop_spinning_is_on_by_default(tiny_bundle):  # noqa: F811
 def test_bad_stop_spinning_is_refused_by_name(bad, tiny_bundle):  # noqa: F811
     with pytest.raises(InvalidArgumentError, match=r"stop_spinning: expected True or False"):
         Sampler.load(tiny_bundle, backend="onnxruntime", stop_spinning=bad)
+
+
+def test_precompile_opens_every_bundle_shape_at_load(tiny_bundle):  # noqa: F811
+    from cfgswitch.bundle import read_manifest
+
+    bundle = read_manifest(tiny_bundle)
+    s = Sampler.load(tiny_bundle, backend="onnxruntime", threads=1, precompile=True)
+    (height, width), factor = bundle.image_sizes[0], bundle.dims.vae_scale_factor
+    want = sorted((b, height // factor, width // factor) for b in bundle.batch_sizes)
+    for role in ("unet", "unet_cfg"):
+        got = sorted((d["B"], d["h"], d["w"]) for d in getattr(s.runners, role).graph.shaped.shapes)
+        assert got == want, role  # before any call
+    before = {role: len(getattr(s.runners, role).graph.shaped.shapes) for role in ("unet", "unet_cfg")}
+    s.generate(PROMPTS, **KWARGS)  # batch 3, one of the bundle's sizes: nothing new to open
+    assert {role: len(getattr(s.runners, role).graph.shaped.shapes) for role in ("unet", "unet_cfg")} == before
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_bad_precompile_is_refused_by_name(bad, tiny_bundle):  # noqa: F811
+    with pytest.raises(InvalidArgumentError, match=r"precompile: expected True or False"):
+        Sampler.load(tiny_bundle, backend="onnxruntime", precompile=bad)

@@ -104,7 +104,7 @@ _ENTRIES: Tuple[BackendEntry, ...] = (
     BackendEntry(
         name="onnxruntime",
         factory="cfgswitch.runners.onnxruntime:onnxruntime_runners",
-        options=("providers", "threads", "verify_files", "static_shapes", "stop_spinning"),
+        options=("providers", "threads", "verify_files", "static_shapes", "stop_spinning", "precompile"),
         extra="cpu",
         module="onnxruntime",
         description="ONNX Runtime on a bundle's graphs (CPU; CUDA and TensorRT providers with onnxruntime-gpu)",

@@ -21,7 +21,7 @@ import torch
 
 from ..bundle import Bundle, check_bundle_request, verify_graphs
 from ..errors import BackendUnavailableError, InvalidArgumentError
-from ..io_specs import GraphSpec, graph_specs, resolve_shape
+from ..io_specs import GraphSpec, graph_specs, resolve_shape, shape_env
 from .base import Runners
 from .graph_runners import GraphGuidedUNet, GraphPooledTextEncoder, GraphTextEncoder, GraphUNet, GraphVaeDecoder
 from .ort_sessions import copy_options, external_files, graph_file, open_sessions
@@ -196,7 +196,8 @@ class OrtGraph:
 
 def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequence[ProviderArg]] = None,
                         threads: Optional[int] = None, verify_files: bool = True,
-                        static_shapes: Optional[bool] = None, stop_spinning: bool = True) -> Runners:
+                        static_shapes: Optional[bool] = None, stop_spinning: bool = True,
+                        precompile: bool = False) -> Runners:
     """The :class:`Runners` of a bundle on ONNX Runtime.
 
     Args:
@@ -214,10 +215,14 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
         stop_spinning (`bool`, defaults to True): each session's thread pool stops spinning when
             its run ends (ONNX Runtime's ``session.force_spinning_stop``), so the next call, on
             another session, has the cores (docs/export.md, "Spinning between sessions").
+        precompile (`bool`, defaults to False): with static shapes, open the UNet roles' session
+            for each batch size and image size of the bundle now, instead of on each shape's first
+            call (other row counts, such as the step engine's, still open on first use).
 
     Raises:
         BackendUnavailableError: onnxruntime, or a requested provider, is not installed.
-        InvalidArgumentError: a bad provider, thread count, ``static_shapes`` or ``stop_spinning``.
+        InvalidArgumentError: a bad provider, thread count, ``static_shapes``, ``stop_spinning`` or
+            ``precompile``.
         BundleError: a graph file is missing, truncated or replaced.
     """
     ort = import_onnxruntime()
@@ -232,8 +237,9 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         opts.intra_op_num_threads = threads
-    if not isinstance(stop_spinning, bool):
-        raise InvalidArgumentError("stop_spinning", "True or False", stop_spinning)
+    for name, flag in (("stop_spinning", stop_spinning), ("precompile", precompile)):
+        if not isinstance(flag, bool):
+            raise InvalidArgumentError(name, "True or False", flag)
     if stop_spinning:
         opts.add_session_config_entry(STOP_SPINNING_KEY, "1")
     dims = bundle.dims
@@ -251,6 +257,11 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
         name: OrtGraph(sessions.get(name), specs[name], bundle.dtype, dims.vae_scale_factor, device, shaped.get(name))
         for name in names
     }
+    if precompile:
+        for name, shaped_sessions in shaped.items():
+            for height, width in bundle.image_sizes:
+                for b in bundle.batch_sizes:
+                    shaped_sessions.session_for(dimension_values(shape_env(b, height, width, dims.vae_scale_factor)))
     used = graphs["text_encoder"].session.get_providers()
     logger.info("onnxruntime %s: providers %s, %s threads, UNet %s", ort.__version__, ", ".join(used),
                 threads or "default", "per shape" if static else "dynamic")
