@@ -12,7 +12,7 @@ from _bundle_fixtures import tiny_bundle  # noqa: F401  (fixture)
 
 from cfgswitch import Sampler
 from cfgswitch.errors import InvalidArgumentError
-from cfgswitch.runners.ort_static import STATIC_MAX_UNET_BYTES, dimension_values, use_static_shapes
+from cfgswitch.runners.ort_static import STATIC_MAX_UNET_BYTES, dimension_values, unet_bytes, use_static_shapes
 
 # Same weights, same loop; only kernel order differs (the onnxruntime backend's bound, tests/test_onnxruntime_generate.py).
 IMAGE_TOL = 1e-3
@@ -77,6 +77,18 @@ def test_use_static_shapes_rule():
     assert use_static_shapes(None, ["CUDAExecutionProvider", *CPU], 10) is False
     assert use_static_shapes(True, CPU, STATIC_MAX_UNET_BYTES + 1) is True
     assert use_static_shapes(False, CPU, 10) is False
+
+
+def test_unet_bytes_reads_the_recorded_sizes(tiny_bundle):  # noqa: F811
+    from cfgswitch.bundle import read_manifest
+
+    entry = read_manifest(tiny_bundle).graph_entry("unet")
+    on_disk = (tiny_bundle / entry["file"]).stat().st_size + (tiny_bundle / entry["external_data"]["file"]).stat().st_size
+    assert unet_bytes(entry) == on_disk
+    fused = dict(entry, ort_optimized={"file": "f.onnx", "bytes": 10})  # shares the entry's weights file
+    assert unet_bytes(fused) == 10 + entry["external_data"]["bytes"]
+    own = dict(entry, ort_optimized={"file": "f.onnx", "bytes": 10, "external_data": {"file": "f.data", "bytes": 5}})
+    assert unet_bytes(own) == 15
 
 
 def test_dimension_values_names_the_graph_dimensions():

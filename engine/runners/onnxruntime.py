@@ -24,7 +24,7 @@ from ..errors import BackendUnavailableError, InvalidArgumentError
 from ..io_specs import GraphSpec, graph_specs, resolve_shape, shape_env
 from .base import Runners
 from .graph_runners import GraphGuidedUNet, GraphPooledTextEncoder, GraphTextEncoder, GraphUNet, GraphVaeDecoder
-from .ort_sessions import copy_options, external_files, graph_file, open_sessions
+from .ort_sessions import graph_file, open_sessions
 from .ort_static import STATIC_GRAPHS, ShapeSessions, dimension_values, unet_bytes, use_static_shapes
 
 logger = logging.getLogger(__name__)
@@ -248,9 +248,8 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
     device = binding_device(chosen)
     provider_names = [c[0] if isinstance(c, tuple) else c for c in chosen]
     provider_options = [c[1] if isinstance(c, tuple) else {} for c in chosen]
-    unet_file = graph_file(bundle, "unet")
-    static = use_static_shapes(static_shapes, provider_names, unet_bytes(unet_file, external_files(unet_file)))
-    shaped = {name: ShapeSessions(ort, graph_file(bundle, name), opts, provider_names, provider_options, copy_options)
+    static = use_static_shapes(static_shapes, provider_names, unet_bytes(bundle.graph_entry("unet")))
+    shaped = {name: ShapeSessions(ort, graph_file(bundle, name), opts, provider_names, provider_options)
               for name in STATIC_GRAPHS if static and name in names}
     sessions = open_sessions(ort, bundle, [n for n in names if n not in shaped], opts, provider_names, provider_options)
     graphs: Dict[str, OrtGraph] = {

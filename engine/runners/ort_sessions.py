@@ -207,8 +207,7 @@ class _Maps:
         return values
 
 
-def external_files(model_path: Path) -> Tuple[str, ...]:
-    """The resolved paths of the external-data files an ONNX file names (sorted; empty when it has none)."""
+def _external_files(model_path: Path) -> Tuple[str, ...]:
     import onnx
 
     from cfgswitch.export.shared_weights import external_locations
@@ -222,7 +221,7 @@ def _groups(files: Dict[str, Path]) -> List[List[str]]:
     groups: List[List[str]] = []
     by_files: Dict[Tuple[str, ...], List[str]] = {}
     for name, path in files.items():
-        ext = external_files(path)
+        ext = _external_files(path)
         if not ext:
             groups.append([name])
             continue
@@ -362,5 +361,5 @@ def _write_entry(ort: Any, bundle: Bundle, sources: Dict[str, Path], options: An
     return _entry_ok(entry, list(sources))
 
 
-__all__ = ["CACHE_ENV", "CACHE_SUBDIR", "cache_root", "copy_options", "external_files", "graph_file", "open_plain_sessions",
+__all__ = ["CACHE_ENV", "CACHE_SUBDIR", "cache_root", "copy_options", "graph_file", "open_plain_sessions",
            "open_sessions", "session_cache_key"]

@@ -7,7 +7,7 @@ for that one shape: the embedded model's optimized UNet graph shrinks from about
 nodes (docs/export.md, "Static shapes (ONNX Runtime)", has the measured gain).
 
 :class:`ShapeSessions` opens one such session per input shape, lazily, on the first call of
-that shape (the step engine's row buckets and each batch size get their own), under a lock so
+that shape (each batch size, and each row count the step engine calls with, gets its own), under a lock so
 concurrent callers open it once. Each session lays out its own copy of the weights (at
 ``ORT_ENABLE_ALL`` ONNX Runtime reorders convolution weights per session anyway), which is why
 the rule of :func:`use_static_shapes` keeps large UNets on the one dynamic session.
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import InvalidArgumentError
+from .ort_sessions import copy_options
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,13 @@ STATIC_MAX_UNET_BYTES = 256 * 2**20
 STATIC_GRAPHS: Tuple[str, ...] = ("unet", "unet_cfg")
 
 
-def unet_bytes(graph_path: Path, external_files: Sequence[str]) -> int:
-    """Bytes of a UNet graph file and the external-data files it names."""
-    return graph_path.stat().st_size + sum(Path(f).stat().st_size for f in external_files)
+def unet_bytes(entry: Mapping[str, Any]) -> int:
+    """Bytes of the UNet graph a session opens and of its weights, as the bundle's manifest entry records them
+    (its ``ort_optimized`` record when it has one; the weights of the entry's ``external_data`` unless that
+    record names its own)."""
+    record = entry.get("ort_optimized") or entry
+    ext = record.get("external_data") or entry.get("external_data")
+    return int(record.get("bytes") or 0) + (int(ext.get("bytes") or 0) if isinstance(ext, dict) else 0)
 
 
 def use_static_shapes(static_shapes: Optional[bool], providers: Sequence[str], weight_bytes: int) -> bool:
@@ -69,17 +74,15 @@ class ShapeSessions:
         path (`Path`): the ONNX file to open.
         options: ``SessionOptions`` to copy for each session (never changed).
         providers (`Sequence[str]`), provider_options (`Sequence[dict]`): as for ``InferenceSession``.
-        copy_options (callable): ``copy_options(ort, options)`` -> a fresh copy of ``options``.
     """
 
     def __init__(self, ort: Any, path: Path, options: Any, providers: Sequence[str],
-                 provider_options: Sequence[Dict[str, Any]], copy_options) -> None:
+                 provider_options: Sequence[Dict[str, Any]]) -> None:
         self._ort = ort
         self.path = path
         self._options = options
         self._providers = list(providers)
         self._provider_options = list(provider_options)
-        self._copy = copy_options
         self._sessions: Dict[Tuple[Tuple[str, int], ...], Any] = {}
         self._lock = threading.Lock()
 
@@ -103,7 +106,7 @@ class ShapeSessions:
 
     def _open(self, dims: Dict[str, int]) -> Any:
         start = time.perf_counter()
-        opts = self._copy(self._ort, self._options)
+        opts = copy_options(self._ort, self._options)
         for name, value in dims.items():
             opts.add_free_dimension_override_by_name(name, value)
         session = self._ort.InferenceSession(str(self.path), opts, providers=self._providers,
