@@ -23,7 +23,8 @@ CPU = ["CPUExecutionProvider"]
 
 @pytest.fixture(scope="module")
 def static_sampler(tiny_bundle):  # noqa: F811
-    return Sampler.load(tiny_bundle, backend="onnxruntime", threads=2, static_shapes=True)
+    # late calls on the plain graph's per-shape sessions (folding them: tests/test_folded_context.py)
+    return Sampler.load(tiny_bundle, backend="onnxruntime", threads=2, static_shapes=True, fold_uncond=False)
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +132,9 @@ def test_stop_spinning_reaches_every_session(stop, tiny_bundle):  # noqa: F811
     s.generate(PROMPTS[:1], **KWARGS)  # opens the per-shape UNet sessions
     r = s.runners
     sessions = [r.text_encoder.graph.session, r.vae_decoder.graph.session]
-    sessions += [getattr(r, role).graph.shaped.session_for(d) for role in ("unet", "unet_cfg")
-                 for d in getattr(r, role).graph.shaped.shapes]
-    assert len(sessions) == 4
+    graphs = [r.unet.graph, r.unet_cfg.graph] + [r.unet.folded_graph(n) for n in r.unet.folded_rows]
+    sessions += [g.shaped.session_for(d) for g in graphs for d in g.shaped.shapes]
+    assert len(sessions) == 4 and r.unet.folded_rows == [1]  # the late steps ran the folded graph
     assert [_spin_stop(x) for x in sessions] == ["1" if stop else None] * 4
 
 

@@ -133,8 +133,23 @@ def assemble(bundle: Union[Bundle, str, Path], backend: Optional[str] = None, *,
         runners = bundle_runners(bundle, backend, **options)
     check_family_runners(bundle, runners)
     extras = bundle.family_extras()  # SDXL: the second tokenizer and force_zeros_for_empty_prompt
-    return sampler_cls(runners, bundle.load_tokenizer(), bundle.scheduler_config(), bundle.model_spec(),
-                       source=source or str(bundle.path), **({"extras": extras} if extras else {}))
+    sampler = sampler_cls(runners, bundle.load_tokenizer(), bundle.scheduler_config(), bundle.model_spec(),
+                          source=source or str(bundle.path), **({"extras": extras} if extras else {}))
+    set_late_context(sampler)
+    return sampler
 
 
-__all__ = ["assemble", "bundle_runners", "check_family_runners", "has_tensorrt_plans", "pick_backend"]
+def set_late_context(sampler: Any) -> None:
+    """Give a late runner that folds its context (:mod:`cfgswitch.runners.folded_context`) the empty
+    prompt's embedding, made by the sampler's own text encoder exactly as a request without a
+    negative prompt makes its unconditional rows."""
+    unet = sampler.runners.unet
+    if not hasattr(unet, "set_context"):
+        return
+    from ..conditioning import TEXT
+
+    conditioning, _ = sampler.encode_conditioning([""], [""], 1)
+    unet.set_context(conditioning.uncond[TEXT])
+
+
+__all__ = ["assemble", "bundle_runners", "check_family_runners", "has_tensorrt_plans", "pick_backend", "set_late_context"]

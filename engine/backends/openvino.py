@@ -42,12 +42,14 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from ..bundle import Bundle, check_bundle_request, verify_graphs
 from ..errors import BackendUnavailableError, InvalidArgumentError
 from ..io_specs import GraphSpec, graph_specs, resolve_shape, shape_env
 from ..runners.base import Runners
+from ..runners.folded_context import CONTEXT_INPUT, FoldedContextUNet, check_fold_option, folds, spec_without_context
 from ..runners.graph_runners import GraphGuidedUNet, GraphPooledTextEncoder, GraphTextEncoder, GraphUNet, GraphVaeDecoder
 
 logger = logging.getLogger(__name__)
@@ -171,7 +173,8 @@ class OvGraph:
             model = self.model.clone()
             model.reshape({t.name: list(s) for t, s in zip(self.spec.inputs, shapes)})
             config = dict(self.config)
-            rows = shapes[2][0] if self.spec.name in ("unet", "unet_cfg") else shapes[0][0]
+            # UNet rows: the embedding's (2B for unet_cfg); a folded unet has no embedding input
+            rows = shapes[2][0] if self.spec.name in ("unet", "unet_cfg") and len(shapes) > 2 else shapes[0][0]
             n = self.threads(rows)
             if n is not None:
                 config["INFERENCE_NUM_THREADS"] = n
@@ -232,7 +235,7 @@ def _cache_folder(cache_dir: Any) -> Optional[Path]:
 
 def openvino_runners(bundle: Bundle, device: str = "CPU", threads: ThreadsArg = None, precision: str = "f32",
                      hint: str = "latency", cache_dir: Union[None, bool, str, os.PathLike] = None,
-                     precompile: bool = False, verify_files: bool = True) -> Runners:
+                     precompile: bool = False, verify_files: bool = True, fold_uncond: bool = True) -> Runners:
     """The :class:`Runners` of a bundle on OpenVINO, each role compiled for static shapes on first use.
 
     Args:
@@ -248,10 +251,14 @@ def openvino_runners(bundle: Bundle, device: str = "CPU", threads: ThreadsArg = 
         precompile (`bool`, defaults to False): compile every graph now for each batch size and image
             size of the bundle (see :func:`bundle_shapes`), instead of on each shape's first use.
         verify_files (`bool`, defaults to True): check each graph's size and sha256 against the manifest.
+        fold_uncond (`bool`, defaults to True): late calls on the empty prompt's embedding run a
+            UNet with that embedding folded in as a constant (:mod:`cfgswitch.runners.folded_context`);
+            other late calls run the plain graph.
 
     Raises:
         BackendUnavailableError: openvino is not installed (names the extra).
-        InvalidArgumentError: a bad device, thread count, precision, hint or cache folder.
+        InvalidArgumentError: a bad device, thread count, precision, hint, cache folder, ``precompile``,
+            ``verify_files`` or ``fold_uncond``.
         BundleError: a graph file is missing, truncated or replaced.
     """
     ov = import_openvino()
@@ -259,6 +266,7 @@ def openvino_runners(bundle: Bundle, device: str = "CPU", threads: ThreadsArg = 
     for name, flag in (("verify_files", verify_files), ("precompile", precompile)):
         if flag is not True and flag is not False:
             raise InvalidArgumentError(name, "True or False", flag)
+    check_fold_option(fold_uncond)
     core = ov.Core()
     dev = _device(core, device)
     base = {"PERFORMANCE_HINT": _choice("hint", hint, HINTS),
@@ -288,23 +296,68 @@ def openvino_runners(bundle: Bundle, device: str = "CPU", threads: ThreadsArg = 
         for name, shapes in bundle_shapes(bundle):
             graphs[name].compiled_for(shapes)
 
+    folded = folds(fold_uncond, bundle.family)
+    if folded:
+        sizes = bundle.image_sizes if precompile else []
+        unet = FoldedContextUNet(graphs["unet"], _ov_fold(ov, core, graphs["unet"], bundle, sizes),
+                                 bundle.batch_sizes if precompile else ())
+    else:
+        unet = GraphUNet(graphs["unet"])
+
     def check_request(batch: int, height: int, width: int) -> None:
         check_bundle_request(bundle, batch, height, width, exact_batch=False)
 
     return Runners(
         text_encoder=GraphTextEncoder(graphs["text_encoder"]),
         unet_cfg=GraphGuidedUNet(graphs["unet_cfg"]),
-        unet=GraphUNet(graphs["unet"]),
+        unet=unet,
         vae_decoder=GraphVaeDecoder(graphs["vae_decoder"]),
         backend="openvino",
         device=torch.device("cpu"),
         dtype=torch.float32,
         info={"bundle": str(bundle.path), "bundle_dtype": bundle.dtype, "openvino": version, "device": dev,
               "device_name": device_name, "threads": threads, "precision": precision, "hint": hint,
-              "cache_dirs": caches},
+              "cache_dirs": caches, "fold_uncond": folded},
         check_request=check_request,
         text_encoder_2=GraphPooledTextEncoder(graphs["text_encoder_2"]) if "text_encoder_2" in graphs else None,
     )
+
+
+def fold_parameter(ov, model, name: str, value: np.ndarray):
+    """A copy of OpenVINO ``model`` with parameter ``name`` replaced by a constant holding ``value``
+    (cast to the parameter's element type); OpenVINO folds what depends only on it when it compiles.
+
+    Raises:
+        InvalidArgumentError: ``model`` has no parameter ``name``.
+    """
+    out = model.clone()
+    params = [p for p in out.get_parameters() if name in p.output(0).get_names()]
+    if not params:
+        raise InvalidArgumentError("model parameters", f"one named {name!r}",
+                                   [sorted(p.output(0).get_names()) for p in out.get_parameters()])
+    param = params[0]
+    const = ov.op.Constant(ov.Tensor(np.ascontiguousarray(value.astype(param.get_element_type().to_dtype()))))
+    for target in list(param.output(0).get_target_inputs()):
+        target.replace_source_output(const.output(0))
+    out.remove_parameter(param)
+    out.validate_nodes_and_infer_types()
+    return out
+
+
+def _ov_fold(ov, core, graph: OvGraph, bundle: Bundle, image_sizes: Sequence[Tuple[int, int]]):
+    """OpenVINO's ``fold(context_rows)`` of :class:`FoldedContextUNet`: the ``unet`` model with the
+    context as a constant, compiled per shape like any graph (``image_sizes``: compiled at once)."""
+    spec = spec_without_context(graph.spec)
+
+    def fold(context: torch.Tensor) -> OvGraph:
+        folded = OvGraph(core, fold_parameter(ov, graph.model, CONTEXT_INPUT, context.numpy()), spec, graph.device,
+                         graph.config, graph.threads)
+        for height, width in image_sizes:
+            env = shape_env(int(context.shape[0]), height, width, bundle.dims.vae_scale_factor)
+            folded.compiled_for(tuple(tuple(resolve_shape(t.shape, env)) for t in spec.inputs))
+        return folded
+
+    return fold
 
 
 def bundle_shapes(bundle: Bundle) -> List[Tuple[str, Tuple[Tuple[int, ...], ...]]]:
@@ -334,4 +387,4 @@ def _role_threads(threads: ThreadsArg, role: str, cores: int):
 
 
 __all__ = ["GRAPH_ROLES", "HINTS", "OPENVINO_EXTRA", "OvGraph", "PRECISIONS", "auto_threads", "blob_cache_key", "bundle_shapes",
-           "check_threads", "default_cache_root", "import_openvino", "openvino_runners", "usable_cores"]
+           "check_threads", "default_cache_root", "fold_parameter", "import_openvino", "openvino_runners", "usable_cores"]

@@ -104,7 +104,7 @@ _ENTRIES: Tuple[BackendEntry, ...] = (
     BackendEntry(
         name="onnxruntime",
         factory="cfgswitch.runners.onnxruntime:onnxruntime_runners",
-        options=("providers", "threads", "verify_files", "static_shapes", "stop_spinning", "precompile"),
+        options=("providers", "threads", "verify_files", "static_shapes", "stop_spinning", "precompile", "fold_uncond"),
         extra="cpu",
         module="onnxruntime",
         description="ONNX Runtime on a bundle's graphs (CPU; CUDA and TensorRT providers with onnxruntime-gpu)",
@@ -126,7 +126,7 @@ _ENTRIES: Tuple[BackendEntry, ...] = (
     BackendEntry(
         name="openvino",
         factory="cfgswitch.backends.openvino:openvino_runners",
-        options=("device", "threads", "precision", "hint", "cache_dir", "precompile", "verify_files"),
+        options=("device", "threads", "precision", "hint", "cache_dir", "precompile", "verify_files", "fold_uncond"),
         extra="openvino",
         module="openvino",
         description="OpenVINO on a bundle's ONNX graphs, each role compiled for static shapes (CPU)",

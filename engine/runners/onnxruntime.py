@@ -12,6 +12,7 @@ Execution providers and their options are the user's choice, CPU by default.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..bundle import Bundle, check_bundle_request, verify_graphs
 from ..errors import BackendUnavailableError, InvalidArgumentError
 from ..io_specs import GraphSpec, graph_specs, resolve_shape, shape_env
 from .base import Runners
+from .folded_context import FoldedContextUNet, check_fold_option, folds, onnx_without_input, spec_without_context
 from .graph_runners import GraphGuidedUNet, GraphPooledTextEncoder, GraphTextEncoder, GraphUNet, GraphVaeDecoder
 from .ort_sessions import graph_file, open_sessions
 from .ort_static import STATIC_GRAPHS, ShapeSessions, dimension_values, unet_bytes, use_static_shapes
@@ -197,7 +199,7 @@ class OrtGraph:
 def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequence[ProviderArg]] = None,
                         threads: Optional[int] = None, verify_files: bool = True,
                         static_shapes: Optional[bool] = None, stop_spinning: bool = True,
-                        precompile: bool = False) -> Runners:
+                        precompile: bool = False, fold_uncond: bool = True) -> Runners:
     """The :class:`Runners` of a bundle on ONNX Runtime.
 
     Args:
@@ -218,11 +220,14 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
         precompile (`bool`, defaults to False): with static shapes, open the UNet roles' session
             for each batch size and image size of the bundle now, instead of on each shape's first
             call (other row counts, such as the step engine's, still open on first use).
+        fold_uncond (`bool`, defaults to True): with static shapes (and the ``onnx`` package), late
+            calls on the empty prompt's embedding run a UNet with that embedding folded in
+            (:mod:`cfgswitch.runners.folded_context`); other late calls run the plain graph.
 
     Raises:
         BackendUnavailableError: onnxruntime, or a requested provider, is not installed.
-        InvalidArgumentError: a bad provider, thread count, ``static_shapes``, ``stop_spinning`` or
-            ``precompile``.
+        InvalidArgumentError: a bad provider, thread count, ``static_shapes``, ``stop_spinning``,
+            ``precompile`` or ``fold_uncond``.
         BundleError: a graph file is missing, truncated or replaced.
     """
     ort = import_onnxruntime()
@@ -240,6 +245,7 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
     for name, flag in (("stop_spinning", stop_spinning), ("precompile", precompile)):
         if not isinstance(flag, bool):
             raise InvalidArgumentError(name, "True or False", flag)
+    check_fold_option(fold_uncond)
     if stop_spinning:
         opts.add_session_config_entry(STOP_SPINNING_KEY, "1")
     dims = bundle.dims
@@ -261,6 +267,17 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
             for height, width in bundle.image_sizes:
                 for b in bundle.batch_sizes:
                     shaped_sessions.session_for(dimension_values(shape_env(b, height, width, dims.vae_scale_factor)))
+    folded = static and folds(fold_uncond, bundle.family) and "unet" in shaped
+    if folded and importlib.util.find_spec("onnx") is None:
+        logger.info("onnxruntime: the late role's context is not folded (the onnx package is not installed)")
+        folded = False
+    if folded:
+        sizes = [(h // dims.vae_scale_factor, w // dims.vae_scale_factor) for h, w in bundle.image_sizes] if precompile else []
+        fold = _ort_fold(ort, graph_file(bundle, "unet"), opts, provider_names, provider_options, specs["unet"],
+                         bundle.dtype, dims.vae_scale_factor, device, sizes)
+        unet = FoldedContextUNet(graphs["unet"], fold, bundle.batch_sizes if precompile else ())
+    else:
+        unet = GraphUNet(graphs["unet"])
     used = graphs["text_encoder"].session.get_providers()
     logger.info("onnxruntime %s: providers %s, %s threads, UNet %s", ort.__version__, ", ".join(used),
                 threads or "default", "per shape" if static else "dynamic")
@@ -271,17 +288,37 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
     return Runners(
         text_encoder=GraphTextEncoder(graphs["text_encoder"]),
         unet_cfg=GraphGuidedUNet(graphs["unet_cfg"], pair_graph=graphs["unet"]),  # ORT: any row count
-        unet=GraphUNet(graphs["unet"]),
+        unet=unet,
         vae_decoder=GraphVaeDecoder(graphs["vae_decoder"]),
         backend="onnxruntime",
         device=device,
         dtype=torch.float32,
         info={"bundle": str(bundle.path), "bundle_dtype": bundle.dtype, "providers": used,
               "threads": threads, "onnxruntime": ort.__version__, "static_shapes": static,
-              "stop_spinning": stop_spinning},
+              "stop_spinning": stop_spinning, "fold_uncond": folded},
         check_request=check_request,
         text_encoder_2=GraphPooledTextEncoder(graphs["text_encoder_2"]) if "text_encoder_2" in graphs else None,
     )
+
+
+def _ort_fold(ort: Any, path: Path, options: Any, providers: Sequence[str], provider_options: Sequence[Dict[str, Any]],
+              spec: GraphSpec, model_dtype: str, factor: int, device: torch.device,
+              latent_sizes: Sequence[Tuple[int, int]] = ()):
+    """The ONNX Runtime ``fold(context_rows)`` of :class:`FoldedContextUNet`: per-shape sessions of the
+    ``unet`` graph at ``path`` with the context as an initializer (cast to the bundle's dtype); the
+    sessions of ``latent_sizes`` (``(h, w)``, the ``precompile`` option) open at once."""
+    model_bytes = onnx_without_input(path)
+    folded_spec = spec_without_context(spec)
+    context_dtype = next(t for t in spec.inputs if t.name == "encoder_hidden_states").resolved_dtype(model_dtype)
+
+    def fold(context: torch.Tensor) -> OrtGraph:
+        value = context.numpy().astype(_numpy_dtype(context_dtype))
+        shaped = ShapeSessions(ort, path, options, providers, provider_options, model=model_bytes(value))
+        for h, w in latent_sizes:
+            shaped.session_for(dimension_values({"B": context.shape[0], "h": h, "w": w}))
+        return OrtGraph(None, folded_spec, model_dtype, factor, device, shaped)
+
+    return fold
 
 
 __all__ = ["OrtGraph", "binding_device", "cache_folder", "check_providers", "import_onnxruntime", "onnxruntime_runners",

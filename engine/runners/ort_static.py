@@ -74,12 +74,15 @@ class ShapeSessions:
         path (`Path`): the ONNX file to open.
         options: ``SessionOptions`` to copy for each session (never changed).
         providers (`Sequence[str]`), provider_options (`Sequence[dict]`): as for ``InferenceSession``.
+        model (`bytes`, optional): a serialized model to open instead of ``path`` (a graph with its
+            context folded in, :mod:`cfgswitch.runners.folded_context`); ``path`` then names it in logs.
     """
 
     def __init__(self, ort: Any, path: Path, options: Any, providers: Sequence[str],
-                 provider_options: Sequence[Dict[str, Any]]) -> None:
+                 provider_options: Sequence[Dict[str, Any]], model: Optional[bytes] = None) -> None:
         self._ort = ort
         self.path = path
+        self.model = model
         self._options = options
         self._providers = list(providers)
         self._provider_options = list(provider_options)
@@ -109,12 +112,14 @@ class ShapeSessions:
         opts = copy_options(self._ort, self._options)
         for name, value in dims.items():
             opts.add_free_dimension_override_by_name(name, value)
-        session = self._ort.InferenceSession(str(self.path), opts, providers=self._providers,
+        source = self.model if self.model is not None else str(self.path)
+        session = self._ort.InferenceSession(source, opts, providers=self._providers,
                                              provider_options=self._provider_options)
         left = [i.name for i in session.get_inputs() if any(not isinstance(d, int) for d in i.shape)]
         if left:  # a dimension name the overrides did not cover: still correct, only less folded
             logger.warning("onnxruntime %s: inputs %s keep symbolic dimensions at %s", self.path.name, left, dims)
-        logger.info("onnxruntime %s: session for %s opened in %.2f s", self.path.name, dims,
+        logger.info("onnxruntime %s%s: session for %s opened in %.2f s", self.path.name,
+                    " (context folded)" if self.model is not None else "", dims,
                     time.perf_counter() - start)
         return session
 
