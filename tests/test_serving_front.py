@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from cfgswitch.serving.front import RequestSizeFront, free_port
+from cfgswitch.serving.process import free_ports
 
 LIMIT = 4096
 
@@ -249,7 +250,8 @@ def test_ambiguous_or_compressed_requests_are_refused(front, head, status, words
 
 
 def test_no_upstream_gives_503():
-    f = RequestSizeFront("127.0.0.1", free_port(), free_port(), LIMIT)
+    listen, upstream = free_ports(2)  # distinct: two free_port() calls may return the same port
+    f = RequestSizeFront("127.0.0.1", listen, upstream, LIMIT)
     f.start()
     try:
         conn = http.client.HTTPConnection("127.0.0.1", f.listen_port, timeout=30)
@@ -259,6 +261,16 @@ def test_no_upstream_gives_503():
         conn.close()
     finally:
         f.stop()
+
+
+@pytest.mark.parametrize("listen_host,upstream_host", [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"),
+                                                       ("localhost", "127.0.0.1")])
+def test_a_front_forwarding_to_itself_is_refused(listen_host, upstream_host):
+    from cfgswitch.errors import InvalidArgumentError
+
+    port = free_port()
+    with pytest.raises(InvalidArgumentError, match=f"upstream_port: expected a port other than the front's own.*got {port}"):
+        RequestSizeFront(listen_host, port, port, LIMIT, upstream_host=upstream_host)
 
 
 def test_a_taken_port_and_a_bad_limit_are_refused():

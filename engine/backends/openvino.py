@@ -2,8 +2,9 @@
 
 OpenVINO reads ONNX directly, so the bundle ``cfgswitch export`` wrote serves as it is. Each
 role is its own compiled model: the ``cfg`` role is the guided graph (``unet_cfg``, 2B UNet
-rows inside), the ``late`` role the plain UNet at B rows, plus the text encoder and the VAE
-decoder. A graph is compiled for the static shape of each call on its first use (per batch
+rows inside), the ``late`` role the plain UNet at B rows (on the empty prompt's embedding, the
+UNet with that embedding folded in: ``fold_uncond``, :mod:`cfgswitch.runners.folded_context`),
+plus the text encoder and the VAE decoder. A graph is compiled for the static shape of each call on its first use (per batch
 size, image size, or step-engine row bucket) and reused after that; static shapes give
 OpenVINO's CPU plugin its fastest kernels.
 

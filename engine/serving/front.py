@@ -158,11 +158,24 @@ async def _copy_chunked(reader: asyncio.StreamReader, writer: Optional[asyncio.S
             await writer.drain()
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_ANY = ("", "0.0.0.0", "::")
+
+
+def _same_host(listen_host: str, upstream_host: str) -> bool:
+    """Whether a front listening on ``listen_host`` would receive what it sends to ``upstream_host``."""
+    return (listen_host == upstream_host or listen_host in _ANY
+            or (listen_host in _LOOPBACK and upstream_host in _LOOPBACK))
+
+
 def _set_front(front: Any, listen_host: str, listen_port: int, upstream_port: int, max_request_bytes: int,
                upstream_host: str) -> None:
     """The addresses and the checked size limit every front holds (HTTP and gRPC alike)."""
     if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
         raise InvalidArgumentError("max_request_bytes", "an integer >= 1", max_request_bytes)
+    if upstream_port == listen_port and _same_host(listen_host, upstream_host):
+        raise InvalidArgumentError("upstream_port", f"a port other than the front's own ({listen_host}:{listen_port}: "
+                                   "the front would forward every request to itself)", upstream_port)
     front.listen_host, front.listen_port = listen_host, listen_port
     front.upstream_host, front.upstream_port = upstream_host, upstream_port
     front.max_request_bytes = max_request_bytes

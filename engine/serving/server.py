@@ -30,10 +30,10 @@ import numpy as np
 from ..errors import BackendUnavailableError, InvalidArgumentError
 from .admission import new_request_id, token_counter, validate_request, wire_error
 from .batching import run_batch
-from .front import DEFAULT_MAX_REQUEST_BYTES, GrpcSizeFront, RequestSizeFront, free_port
+from .front import DEFAULT_MAX_REQUEST_BYTES, GrpcSizeFront, RequestSizeFront
 from .limits import ServeLimits
 from .merger import RequestMerger
-from .process import descendants
+from .process import descendants, free_ports
 from .protocol import INPUTS, MODEL_NAME, OUTPUTS
 from .triton_env import apply_library_path
 
@@ -486,7 +486,9 @@ def serve(sampler: Any, config: ServeConfig, limits: ServeLimits, ready: Optiona
             # With fronts, Triton's HTTP and gRPC endpoints are internal (127.0.0.1, free ports) and the fronts
             # own the public ports.
             if config.max_request_bytes:
-                inner = ("127.0.0.1", free_port(), "127.0.0.1", free_port())
+                # two distinct free ports, neither a public one (a front must not forward to itself)
+                http_in, grpc_in = [p for p in free_ports(4) if p not in (config.http_port, config.grpc_port)][:2]
+                inner = ("127.0.0.1", http_in, "127.0.0.1", grpc_in)
             else:
                 inner = (config.host, config.http_port, config.host, config.grpc_port)
             with Triton(config=triton_config(*inner)) as triton:
