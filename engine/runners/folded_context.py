@@ -5,7 +5,7 @@ embedding, which for a request without a negative prompt is the empty prompt's e
 same tensor for every request and every step. Built into the graph as a constant, the
 cross-attention keys and values of every transformer block are computed once, when the backend
 compiles the graph, instead of on every late call (the embedded model's one-row late call took
-5-8% less time; docs/export.md, "Folded context").
+7-8% less time on ONNX Runtime and 5-11% less on OpenVINO; docs/export.md, "Folded context").
 
 :class:`FoldedContextUNet` is the late runner of a backend that can fold. Its
 :meth:`~FoldedContextUNet.predict` runs the folded graph when the call has no added
