@@ -144,6 +144,7 @@ def onnx_without_input(path: Path, name: str = CONTEXT_INPUT) -> Callable[[np.nd
 
     Raises:
         BackendUnavailableError: the ``onnx`` package is not installed (names the extra).
+        InvalidArgumentError (from ``model_bytes``): the graph has no input ``name``.
     """
     from ..errors import BackendUnavailableError
 

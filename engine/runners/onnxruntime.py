@@ -24,7 +24,7 @@ from ..bundle import Bundle, check_bundle_request, verify_graphs
 from ..errors import BackendUnavailableError, InvalidArgumentError
 from ..io_specs import GraphSpec, graph_specs, resolve_shape, shape_env
 from .base import Runners
-from .folded_context import FoldedContextUNet, check_fold_option, folds, onnx_without_input, spec_without_context
+from .folded_context import CONTEXT_INPUT, FoldedContextUNet, check_fold_option, folds, onnx_without_input, spec_without_context
 from .graph_runners import GraphGuidedUNet, GraphPooledTextEncoder, GraphTextEncoder, GraphUNet, GraphVaeDecoder
 from .ort_sessions import graph_file, open_sessions
 from .ort_static import STATIC_GRAPHS, ShapeSessions, dimension_values, unet_bytes, use_static_shapes
@@ -272,9 +272,8 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
         logger.info("onnxruntime: the late role's context is not folded (the onnx package is not installed)")
         folded = False
     if folded:
-        sizes = [(h // dims.vae_scale_factor, w // dims.vae_scale_factor) for h, w in bundle.image_sizes] if precompile else []
         fold = _ort_fold(ort, graph_file(bundle, "unet"), opts, provider_names, provider_options, specs["unet"],
-                         bundle.dtype, dims.vae_scale_factor, device, sizes)
+                         bundle.dtype, dims.vae_scale_factor, device, bundle.image_sizes if precompile else [])
         unet = FoldedContextUNet(graphs["unet"], fold, bundle.batch_sizes if precompile else ())
     else:
         unet = GraphUNet(graphs["unet"])
@@ -303,19 +302,19 @@ def onnxruntime_runners(bundle: Bundle, providers: Union[None, ProviderArg, Sequ
 
 def _ort_fold(ort: Any, path: Path, options: Any, providers: Sequence[str], provider_options: Sequence[Dict[str, Any]],
               spec: GraphSpec, model_dtype: str, factor: int, device: torch.device,
-              latent_sizes: Sequence[Tuple[int, int]] = ()):
+              image_sizes: Sequence[Tuple[int, int]] = ()):
     """The ONNX Runtime ``fold(context_rows)`` of :class:`FoldedContextUNet`: per-shape sessions of the
     ``unet`` graph at ``path`` with the context as an initializer (cast to the bundle's dtype); the
-    sessions of ``latent_sizes`` (``(h, w)``, the ``precompile`` option) open at once."""
+    sessions of ``image_sizes`` (``(height, width)`` in pixels, the ``precompile`` option) open at once."""
     model_bytes = onnx_without_input(path)
     folded_spec = spec_without_context(spec)
-    context_dtype = next(t for t in spec.inputs if t.name == "encoder_hidden_states").resolved_dtype(model_dtype)
+    context_dtype = next(t for t in spec.inputs if t.name == CONTEXT_INPUT).resolved_dtype(model_dtype)
 
     def fold(context: torch.Tensor) -> OrtGraph:
         value = context.numpy().astype(_numpy_dtype(context_dtype))
         shaped = ShapeSessions(ort, path, options, providers, provider_options, model=model_bytes(value))
-        for h, w in latent_sizes:
-            shaped.session_for(dimension_values({"B": context.shape[0], "h": h, "w": w}))
+        for height, width in image_sizes:
+            shaped.session_for(dimension_values(shape_env(int(context.shape[0]), height, width, factor)))
         return OrtGraph(None, folded_spec, model_dtype, factor, device, shaped)
 
     return fold
